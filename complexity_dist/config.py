@@ -1,0 +1,362 @@
+"""Typed run configuration: YAML files plus `section.key=value` overrides, validated before anything runs.
+
+Every error names the key, the value and what is allowed, so a bad run dies at parse time, before any
+process group or GPU memory is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and options of the Complexity v0.13 decoder (shared/SPEC.md)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 704  # total over experts; each expert has intermediate_size / num_experts
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    num_experts: int = 4
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    dynamics_dt: float = 0.1
+    dynamics_controller_hidden: int = 64
+    dynamics_beta_max: float = 2.0  # the clamp that fixes the reference's late NaN; never remove it
+    dynamics_velocity_clamp: float = 10.0
+    mu_highway_scale: float = 0.1
+    router_base_margin: float = 10.0  # logit bonus of the base expert token_id % E
+    # "hard": argmax routing as the reference (mu_router gets no gradient);
+    # "straight_through": same forward, expert output scaled by p_e / stopgrad(p_e) so mu_router trains.
+    mu_router: str = "hard"
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 0
+    # which implementation builds the projections; "torch" is plain nn.Linear-like parameters
+    linear_backend: str = "torch"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.intermediate_size // self.num_experts
+
+    def validate(self) -> None:
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "num_experts", "max_position_embeddings", "dynamics_controller_hidden",
+        ]
+        for name in positive:
+            _require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
+        _divides("model", "num_attention_heads", self.num_attention_heads, "hidden_size", self.hidden_size)
+        _divides("model", "num_key_value_heads", self.num_key_value_heads,
+                 "num_attention_heads", self.num_attention_heads)
+        _divides("model", "num_experts", self.num_experts, "intermediate_size", self.intermediate_size)
+        _require(self.head_dim % 2 == 0,
+                 f"model.hidden_size / num_attention_heads = {self.head_dim} must be even for rotary embeddings")
+        _choice("model.mu_router", self.mu_router, ("hard", "straight_through"))
+        _choice("model.linear_backend", self.linear_backend, ("torch",))
+        _require(self.dynamics_beta_max > 0, f"model.dynamics_beta_max={self.dynamics_beta_max} must be > 0")
+        _require(self.dynamics_velocity_clamp > 0,
+                 f"model.dynamics_velocity_clamp={self.dynamics_velocity_clamp} must be > 0")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 0
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "ep"):
+            _require(getattr(self, name) >= 1, f"parallel.{name}={getattr(self, name)} must be >= 1")
+        _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
+
+
+@dataclass
+class DataConfig:
+    # a folder made by `complexity-dist prepare-data` (holds index.json); "" = the embedded corpus,
+    # prepared under <run_dir>/../data-embedded on first use
+    path: str = ""
+    seq_len: int = 256
+    num_workers: int = 0
+    vocab_size: int = 0  # for the tokenizer trained on the embedded corpus; 0 = model.vocab_size
+
+    def validate(self) -> None:
+        _require(self.seq_len >= 1, f"data.seq_len={self.seq_len} must be >= 1")
+        _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        _require(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _require(0 <= self.min_lr <= self.lr, f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        _require(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    steps: int = 100
+    seed: int = 1234
+    global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch: int = 0  # sequences per rank per forward; 0 = as large as global_batch / dp allows
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    log_every: int = 1
+    max_consecutive_skips: int = 5
+    activation_checkpointing: bool = False
+
+    def validate(self) -> None:
+        _require(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        _require(self.global_batch >= 1, f"train.global_batch={self.global_batch} must be >= 1")
+        _require(self.micro_batch >= 0, f"train.micro_batch={self.micro_batch} must be >= 0 (0 = automatic)")
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
+        _require(self.max_consecutive_skips >= 1,
+                 f"train.max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # steps between checkpoints; the last step is always saved
+    keep_last: int = 3
+    resume: bool = True  # continue from <run_dir>/checkpoints/latest when present
+
+    def validate(self) -> None:
+        _require(self.every >= 1, f"checkpoint.every={self.every} must be >= 1")
+        _require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "complexity-dist"
+    # "" = $MLFLOW_TRACKING_URI if set, else sqlite:///<run_dir>/mlflow.db
+    uri: str = ""
+    run_name: str = ""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        m, p = self.model, self.parallel
+        _divides("parallel", "tp", p.tp, "model.num_key_value_heads", m.num_key_value_heads)
+        _divides("parallel", "tp", p.tp, "model.expert_intermediate_size (intermediate_size / num_experts)",
+                 m.expert_intermediate_size)
+        _divides("parallel", "ep", p.ep, "model.num_experts", m.num_experts)
+        _divides("parallel", "pp", p.pp, "model.num_hidden_layers", m.num_hidden_layers)
+        _require(self.data.seq_len <= m.max_position_embeddings,
+                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
+                 f"{m.max_position_embeddings}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key` -> value, e.g. for experiment-tracking params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def layout(self, world_size: int) -> "Layout":
+        return Layout.build(self, world_size)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a world of processes is cut into tp x pp x dp, and how the global batch splits over dp."""
+
+    world_size: int
+    tp: int
+    pp: int
+    ep: int
+    dp: int
+    micro_batch: int
+    grad_accum: int
+
+    @classmethod
+    def build(cls, cfg: Config, world_size: int) -> "Layout":
+        p, t = cfg.parallel, cfg.train
+        model_parallel = p.tp * p.pp
+        _require(world_size % model_parallel == 0,
+                 f"world size {world_size} is not a multiple of parallel.tp * parallel.pp = {model_parallel}; "
+                 f"launch a multiple of {model_parallel} processes or change the layout")
+        dp = world_size // model_parallel
+        _require(dp % p.ep == 0 or p.ep == 1,
+                 f"parallel.ep={p.ep} must divide the data-parallel size {dp}")
+        _require(t.global_batch % dp == 0,
+                 f"train.global_batch={t.global_batch} is not divisible by the data-parallel size {dp}; "
+                 f"use a multiple of {dp}")
+        per_rank = t.global_batch // dp
+        micro = t.micro_batch or per_rank
+        _require(per_rank % micro == 0,
+                 f"train.micro_batch={micro} does not divide the per-rank batch {per_rank} "
+                 f"(train.global_batch={t.global_batch} / dp={dp}); pick a divisor of {per_rank}")
+        return cls(world_size, p.tp, p.pp, p.ep, dp, micro, per_rank // micro)
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _divides(section: str, key: str, value: int, what: str, total: int) -> None:
+    _require(value > 0 and total % value == 0, f"{section}.{key}={value} does not divide {what}={total}")
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    _require(value in allowed, f"{key}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check (and for strings from the command line, convert) one value against its declared type."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} is not an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out = float(value)
+        elif isinstance(value, str):
+            try:
+                out = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} is not a number") from None
+        else:
+            raise ConfigError(f"{key}={value!r} is not a number")
+        if not math.isfinite(out):
+            raise ConfigError(f"{key}={value!r} must be finite")
+        return out
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} is not a string")
+    if typ is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(f"{key}[{i}]", v, float) for i, v in enumerate(value)]
+        raise ConfigError(f"{key}={value!r} is not a list, e.g. [0.9, 0.95]")
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r} in {source}; sections are: {', '.join(sections)}")
+    sec = getattr(cfg, section)
+    types = _section_types(type(sec))
+    if key not in types:
+        raise ConfigError(f"unknown config key {section}.{key} in {source}; "
+                          f"keys of {section} are: {', '.join(types)}")
+    setattr(sec, key, _coerce(f"{section}.{key}", value, types[key]))
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if value is None:
+            value = raw
+        out.append((section, key, value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated Config from an optional YAML file and `section.key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"section {section!r} in {path} must be a mapping of key: value")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, str(path))
+    for section, key, value in parse_overrides(overrides or []):
+        _apply(cfg, section, key, value, "command-line overrides")
+    return cfg.validate()
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = Config()
+    for section, values in raw.items():
+        for key, value in values.items():
+            _apply(cfg, section, key, value, "saved config")
+    return cfg.validate()
