@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from complexity_dist.config import ConfigError, load_config
+from complexity_dist.data.errors import DataError
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -28,6 +29,12 @@ def _info(args: argparse.Namespace) -> int:
     print("training memory per GPU (estimate, GiB): " +
           ", ".join(f"{k} {v:.1f}" for k, v in mem.items()))
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from complexity_dist.train.trainer import train_main
+
+    return train_main(load_config(args.config, args.overrides))
 
 
 def _smoke(args: argparse.Namespace) -> int:
@@ -55,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="complexity-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("train", help="pretrain (one process, or every rank under torchrun)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(func=_train)
+
+    from complexity_dist.data.prepare import add_prepare_data_parser
+    add_prepare_data_parser(sub)
+
     p = sub.add_parser("info", help="parameters, FLOPs per token and a memory estimate of a config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")
@@ -75,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"complexity-dist: configuration error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"complexity-dist: data error: {e}", file=sys.stderr)
         return 2
 
 

@@ -149,6 +149,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True  # false: never write checkpoints (benchmarks); a preempted run then loses its work
     every: int = 50  # steps between checkpoints; the last step is always saved
     keep_last: int = 3
     resume: bool = True  # continue from <run_dir>/checkpoints/latest when present

@@ -1,0 +1,90 @@
+"""The DeepSpeed engine for data parallelism with ZeRO stages 0-3, built from our config."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from complexity_dist.config import Config, Layout
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norm weights and mu get no weight decay (SPEC.md §7)."""
+    return param.dim() < 2 or name.endswith(".bias") or "norm" in name or name.endswith("dynamics.mu")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ClippedSkippingAdamW(torch.optim.AdamW):
+    """AdamW that clips by global norm itself and refuses a step whose gradient norm is not finite,
+    leaving weights and moments untouched.
+
+    Used with ZeRO stage 0, where DeepSpeed hands the step straight to the optimizer and reads `overflow`
+    to count a skip. ZeRO stages 1-3 do the clipping and the skip themselves (an invalid norm is an
+    overflow there) around a stock AdamW."""
+
+    def __init__(self, params, max_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self.overflow = False
+        self.grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        # the global L2 norm before clipping (max_norm inf = measure only)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0 else float("inf"))
+        self.grad_norm = float(norm)
+        self.overflow = not math.isfinite(self.grad_norm)
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def deepspeed_config(cfg: Config, layout: Layout, bf16: bool) -> dict:
+    zero = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage >= 2:
+        zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True})
+    return {
+        "train_batch_size": cfg.train.global_batch,
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        # stage 0: our optimizer clips (and reports the norm); stages 1-3: DeepSpeed's ZeRO optimizer does
+        "gradient_clipping": cfg.optim.grad_clip if cfg.parallel.zero_stage > 0 else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
+        "steps_per_print": 10 ** 9,  # we print our own progress
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: nn.Module, cfg: Config, layout: Layout, bf16: bool):
+    """Returns the DeepSpeed engine. The learning rate is set by the trainer before every step."""
+    import deepspeed  # imported late: it picks its accelerator (CPU or CUDA) at import time
+
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    if cfg.parallel.zero_stage == 0:
+        optimizer = ClippedSkippingAdamW(groups, max_norm=o.grad_clip, **kwargs)
+    else:
+        # ZeRO wraps a stock torch AdamW (it refuses unknown optimizer classes) and does clip + skip itself
+        fused = next(model.parameters()).is_cuda
+        optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, layout, bf16), dist_init_required=False)
+    return engine
+
+
+def global_grad_norm(engine) -> float:
+    """The pre-clipping gradient norm of the last step (nan when unknown)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = getattr(engine.optimizer, "grad_norm", None)
+    return float("nan") if norm is None else float(norm)

@@ -1,0 +1,84 @@
+"""Process-group setup from the torchrun/SLURM environment, validated before anything is allocated."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from complexity_dist.config import Config, ConfigError, Layout
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    layout: Layout
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        # with tp = pp = 1 (what this loop supports today) every rank is its own data-parallel rank
+        return self.rank // (self.layout.tp * self.layout.pp)
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun sets them; a plain `python` run is a world of one."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def check_supported(cfg: Config) -> None:
+    """Refuse layouts this training loop cannot run yet, before any process group exists."""
+    p = cfg.parallel
+    for name in ("tp", "pp", "ep"):
+        if getattr(p, name) != 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)}: tensor/pipeline/expert parallelism is not "
+                              f"available in this version of the training loop; set parallel.{name}=1 and "
+                              f"scale with data parallelism (parallel.zero_stage=1/2/3)")
+    if p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1, which this version does not run")
+
+
+def init_distributed(cfg: Config) -> DistEnv:
+    rank, world, local_rank = world_from_env()
+    layout = cfg.layout(world)  # raises ConfigError on sizes that do not divide
+    check_supported(cfg)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        # DeepSpeed picks its accelerator at import time; on a CPU machine make it the CPU one
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000) if world == 1 else "29500")
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=int(os.environ.get("COMPLEXITY_DIST_TIMEOUT_MIN", 30))),
+                                device_id=device if backend == "nccl" else None)
+    return DistEnv(rank, world, local_rank, device, layout)
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item() / dist.get_world_size()

@@ -1,0 +1,200 @@
+"""The training loop: one readable function of small components (data, engine, checkpoints, metrics,
+tracking, faults). Launched by torchrun (or as one plain process); launchers reuse it unchanged."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from complexity_dist.config import Config, ConfigError, Layout
+from complexity_dist.model import ComplexityForCausalLM
+from complexity_dist.model.accounting import flops_per_token, model_counts
+from complexity_dist.parallel.distributed import DistEnv, check_supported, init_distributed, world_from_env
+from complexity_dist.train.checkpoint import Checkpointer, SavedRun
+from complexity_dist.train.faults import (EXIT_DIVERGED, EXIT_REQUEUE, InjectedFaults, PreemptionSignal,
+                                          SkipGuard, TrainingDiverged)
+from complexity_dist.parallel.deepspeed_engine import build_engine, global_grad_norm
+from complexity_dist.train.schedule import lr_at
+
+
+def data_cache_root() -> Path:
+    return Path(os.environ.get("COMPLEXITY_DIST_CACHE", Path.home() / ".cache" / "complexity_dist"))
+
+
+def embedded_vocab_size(cfg: Config) -> int:
+    return cfg.data.vocab_size or min(cfg.model.vocab_size, 8192)
+
+
+def preflight(cfg: Config) -> tuple[Layout, SavedRun | None]:
+    """Everything that can be wrong with the inputs, checked before a process group or GPU memory exists."""
+    from complexity_dist.data import ShardIndex
+
+    _, world, _ = world_from_env()
+    layout = cfg.layout(world)
+    check_supported(cfg)
+    if cfg.data.path:
+        ShardIndex.load(cfg.data.path).check(seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
+    saved = None
+    if cfg.checkpoint.resume:
+        saved = Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep_last).latest()
+        if saved is not None:
+            Checkpointer.check_compatible(saved, cfg, world)
+    return layout, saved
+
+
+def resolve_data_path(cfg: Config, env: DistEnv) -> str:
+    """The configured shards, or the embedded corpus, prepared once per node by its first process."""
+    from complexity_dist.data import ShardIndex, embedded_corpus_dir
+
+    if cfg.data.path:
+        return cfg.data.path
+    path = None
+    if env.local_rank == 0:
+        path = embedded_corpus_dir(data_cache_root(), cfg.data.seq_len, embedded_vocab_size(cfg))
+    dist.barrier()
+    if path is None:
+        path = embedded_corpus_dir(data_cache_root(), cfg.data.seq_len, embedded_vocab_size(cfg))
+    ShardIndex.load(path).check(seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
+    return str(path)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, saved: SavedRun | None):
+        from complexity_dist.data import TokenLoader
+
+        self.cfg, self.env = cfg, env
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and env.device.type == "cuda")
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+        model = ComplexityForCausalLM(cfg.model)
+        model.model.gradient_checkpointing = cfg.train.activation_checkpointing
+        self.engine = build_engine(model.to(env.device), cfg, env.layout, self.bf16)
+        self.checkpointer = Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep_last)
+        self.step, self.tokens_seen, self.skipped_total = 0, 0, 0
+        loader_state = None
+        if saved is not None:
+            rank_state = self.checkpointer.load(self.engine, saved)
+            self.step = saved.trainer_state["step"]
+            self.tokens_seen = saved.trainer_state["tokens_seen"]
+            self.skipped_total = saved.trainer_state["skipped_total"]
+            loader_state = rank_state["loader"]
+        self.loader = TokenLoader(resolve_data_path(cfg, env), cfg.data.seq_len, env.layout.micro_batch,
+                                  dp_rank=env.dp_rank, dp_size=env.layout.dp, seed=cfg.train.seed,
+                                  num_workers=cfg.data.num_workers, vocab_size=cfg.model.vocab_size)
+        if loader_state is not None:
+            self.loader.load_state_dict(loader_state)
+        self.faults = InjectedFaults()
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, model_counts(cfg.model))
+
+    def train_step(self, batches) -> tuple[float, float, bool, float]:
+        """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm, skipped, lr)."""
+        engine, dev = self.engine, self.env.device
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        poison = self.step + 1 in self.faults.nan_steps
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        for _ in range(self.env.layout.grad_accum):
+            batch = next(batches).to(dev, non_blocking=True)
+            loss = engine(batch[:, :-1], targets=batch[:, 1:]).loss
+            if poison:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            engine.step()  # applies the update at the accumulation boundary only
+            loss_sum += loss.detach().double()
+        skipped = not engine.was_step_applied()
+        grad_norm = global_grad_norm(engine)
+        dist.all_reduce(loss_sum)
+        mean_loss = loss_sum.item() / (self.env.layout.grad_accum * self.env.layout.dp)
+        return mean_loss, grad_norm, skipped, lr
+
+    def save(self) -> Path:
+        state = {"tokens_seen": self.tokens_seen, "skipped_total": self.skipped_total}
+        return self.checkpointer.save(self.engine, self.step, state, {"loader": self.loader.state_dict()},
+                                      self.cfg, before_commit=self.faults.maybe_kill_in_save)
+
+    def fit(self) -> int:
+        from complexity_dist.train.metrics import MetricsLog, StepPrinter, Throughput, peak_flops_per_device
+        from complexity_dist.train.tracking import Tracker
+
+        cfg, env = self.cfg, self.env
+        run_dir = Path(cfg.train.run_dir)
+        tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+        log = tracker = printer = None
+        if env.is_main:
+            log = MetricsLog(run_dir, resume_step=self.step)
+            tracker = Tracker.from_config(cfg, run_dir, resume_step=self.step)
+            printer = StepPrinter(total_steps=cfg.train.steps, start_step=self.step, log_every=cfg.train.log_every,
+                                  device=env.device)
+        throughput = Throughput(self.flops_per_token, peak_flops_per_device(env.device), num_devices=env.world_size)
+        signal_flag = PreemptionSignal().install()
+        guard = SkipGuard(cfg.train.max_consecutive_skips)
+        batches = iter(self.loader)
+        exit_code = 0
+        try:
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                loss, grad_norm, skipped, lr = self.train_step(batches)
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - t0
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                self.skipped_total += int(skipped)
+                rates = throughput.update(tokens_per_step, seconds, steps_left=cfg.train.steps - self.step)
+                if env.is_main:
+                    row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": rates.tokens_per_s, "mfu": rates.mfu, "skipped": int(skipped),
+                           "skipped_total": self.skipped_total, "tokens": self.tokens_seen,
+                           "step_time_s": seconds}
+                    log.write(row)
+                    tracker.log_metrics(self.step, row)
+                    printer.update(row, rates)
+                guard.record(skipped, self.step)
+                if self.step == self.faults.preempt_at:
+                    signal_flag.received = signal.SIGTERM
+                preempted = self._agree_on_preemption(signal_flag)
+                last = self.step == cfg.train.steps
+                if cfg.checkpoint.enabled and (preempted or last or self.step % cfg.checkpoint.every == 0):
+                    path = self.save()
+                    if env.is_main:
+                        printer.message(f"checkpoint {path}")
+                if preempted:
+                    if env.is_main:
+                        printer.message(f"preempted by signal {signal_flag.received}: saved step {self.step}, "
+                                        f"exiting with {EXIT_REQUEUE} so the launcher requeues")
+                    exit_code = EXIT_REQUEUE
+                    break
+        except TrainingDiverged as e:
+            if env.is_main:
+                print(f"complexity-dist: {e}", file=sys.stderr)
+            exit_code = EXIT_DIVERGED
+        finally:
+            signal_flag.uninstall()
+            if env.is_main:
+                printer.close()
+                tracker.finish("FINISHED" if exit_code == 0 else "KILLED" if exit_code == EXIT_REQUEUE else "FAILED")
+        return exit_code
+
+    def _agree_on_preemption(self, signal_flag: PreemptionSignal) -> bool:
+        # a signal may reach ranks at slightly different times: stop when any rank has it
+        flag = torch.tensor([1.0 if signal_flag.received is not None else 0.0], device=self.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train_main(cfg: Config) -> int:
+    """Validate, set up, train, tear down. Returns the process exit code."""
+    _, saved = preflight(cfg)
+    Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
+    env = init_distributed(cfg)
+    try:
+        trainer = Trainer(cfg, env, saved)
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
