@@ -3,7 +3,8 @@
 Global position p is in epoch e = p // N (N = samples in the dataset). Each epoch:
 1. permutes the shards with seed (seed, e);
 2. cuts that shard list into windows of `window` consecutive shards;
-3. visits the windows in turn, each in its own permutation of all its samples, seed (seed, e, window).
+3. visits the windows in turn, each in its own permutation of all its samples, seed (seed, e, w) for
+   window number w.
 So a stretch of the order mixes `window` shards, and a reader holds at most about 2 windows of shards
 in memory. Permutations sort splitmix64 hashes, so they are identical on every machine and numpy version.
 
@@ -13,16 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
 def splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser on a uint64 array (wrapping arithmetic): a cheap, good integer hash."""
     x = np.asarray(x, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))
 
 
