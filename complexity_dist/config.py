@@ -136,6 +136,7 @@ class TrainConfig:
     log_every: int = 1
     max_consecutive_skips: int = 5
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (fuses the norm/dynamics/SwiGLU elementwise work)
 
     def validate(self) -> None:
         _require(self.steps >= 1, f"train.steps={self.steps} must be >= 1")

@@ -20,10 +20,12 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     model = ComplexityForCausalLM(cfg.model).cuda().to(torch.bfloat16)
     model.model.gradient_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.compile:
+        model.compile_layers()
     S = cfg.data.seq_len
     ids = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, S + 1), device="cuda")
 
@@ -31,7 +33,7 @@ def main() -> None:
         loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
         loss.backward()
 
-    for _ in range(3):
+    for _ in range(4 if cfg.train.compile else 3):
         step()
     torch.cuda.synchronize()
     t0 = time.perf_counter()

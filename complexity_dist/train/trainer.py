@@ -72,6 +72,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         model = ComplexityForCausalLM(cfg.model)
         model.model.gradient_checkpointing = cfg.train.activation_checkpointing
+        if cfg.train.compile:
+            model.compile_layers()
         self.engine = build_engine(model.to(env.device), cfg, env.layout, self.bf16)
         self.checkpointer = Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep_last)
         self.step, self.tokens_seen, self.skipped_total = 0, 0, 0
