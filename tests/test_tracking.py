@@ -6,14 +6,9 @@ import http.server
 import io
 import json
 import logging
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -145,43 +140,6 @@ def test_plot_metrics(tmp_path):
 
 
 # --- MLflow: a real server -----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on a sqlite store, started once for the module (it takes ~25 s to answer)."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    logfile = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)  # own group: kill workers too
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                logfile.flush()
-                pytest.fail(f"mlflow server did not answer on {url}/health: "
-                            f"{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        logfile.close()
-
 
 def test_server_params_metrics_artifacts_and_resume(mlflow_server, tmp_path, caplog):
     from mlflow import MlflowClient

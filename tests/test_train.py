@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=128",
@@ -32,12 +32,6 @@ def dataset(tmp_path_factory):
     prepare_data(sorted(src.glob("*.txt")), out, seq_len=32, tokenizer=None, vocab_size=384,
                  samples_per_shard=64, num_proc=1, progress=False)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_cmd(run_dir: Path, data: Path, *overrides: str, nproc: int = 1) -> list[str]:
@@ -94,7 +88,7 @@ def test_resume_is_bit_exact_with_two_processes(tmp_path, dataset, zero):
 
 
 def test_injected_nan_is_skipped_and_leaves_weights_untouched(tmp_path, dataset):
-    proc = run(train_cmd(tmp_path / "run", dataset, "train.steps=5", "checkpoint.every=1", "checkpoint.keep_last=10"),
+    run(train_cmd(tmp_path / "run", dataset, "train.steps=5", "checkpoint.every=1", "checkpoint.keep_last=10"),
                env_extra={"COMPLEXITY_DIST_INJECT_NAN": "3"})
     rows = metrics(tmp_path / "run")
     assert [r["skipped"] for r in rows] == [0, 0, 1, 0, 0]
@@ -150,6 +144,29 @@ def test_unreachable_tracking_server_does_not_stop_training(tmp_path, dataset):
                          f"tracking.uri=http://127.0.0.1:{free_port()}"))
     assert len(metrics(tmp_path / "run")) == 3
     assert "127.0.0.1" in proc.stderr + proc.stdout  # the warning names the server
+
+
+def test_tracking_to_a_real_mlflow_server(tmp_path, dataset, mlflow_server):
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+    run(train_cmd(run_dir, dataset, "train.steps=4", "tracking.enabled=true", f"tracking.uri={mlflow_server}",
+                  "tracking.run_name=trainer-test"))
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    got = client.get_run(run_id)
+    assert got.info.status == "FINISHED" and got.info.run_name == "trainer-test"
+    assert got.data.params["model.hidden_size"] == "64" and got.data.params["train.steps"] == "4"
+    losses = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in losses) == [1, 2, 3, 4]
+    assert [round(m.value, 5) for m in sorted(losses, key=lambda m: m.step)] == \
+        [round(r["loss"], 5) for r in metrics(run_dir)]
+    artifacts = {a.path for d in ("config", "plots", "metrics") for a in client.list_artifacts(run_id, d)}
+    assert {"config/resolved_config.yaml", "plots/loss_curve.png", "metrics/metrics.jsonl"} <= artifacts
+    # a resumed run continues the same MLflow run
+    run(train_cmd(run_dir, dataset, "train.steps=6", "tracking.enabled=true", f"tracking.uri={mlflow_server}"))
+    assert (run_dir / "mlflow_run_id").read_text().strip() == run_id
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5, 6]
 
 
 def _fails_cleanly(proc, *needles):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from complexity_dist.config import Config, ConfigError, Layout
+from complexity_dist.config import Config, Layout
 from complexity_dist.model import ComplexityForCausalLM
 from complexity_dist.model.accounting import flops_per_token, model_counts
 from complexity_dist.parallel.distributed import DistEnv, check_supported, init_distributed, world_from_env
