@@ -179,6 +179,7 @@ class Trainer:
             signal_flag.uninstall()
             if env.is_main:
                 printer.close()
+                log.close()
                 tracker.finish("FINISHED" if exit_code == 0 else "KILLED" if exit_code == EXIT_REQUEUE else "FAILED")
         return exit_code
 
