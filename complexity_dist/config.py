@@ -99,7 +99,7 @@ class DataConfig:
     path: str = ""
     seq_len: int = 256
     num_workers: int = 0
-    vocab_size: int = 0  # for the tokenizer trained on the embedded corpus; 0 = model.vocab_size
+    vocab_size: int = 0  # of the BPE trained on the embedded corpus; 0 = min(model.vocab_size, 8192)
 
     def validate(self) -> None:
         _require(self.seq_len >= 1, f"data.seq_len={self.seq_len} must be >= 1")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from complexity_dist.config import Config, Layout
+from complexity_dist.config import Config
 from complexity_dist.model import ComplexityForCausalLM
 from complexity_dist.model.accounting import flops_per_token, model_counts
 from complexity_dist.parallel.distributed import DistEnv, check_supported, init_distributed, world_from_env
@@ -30,12 +30,13 @@ def embedded_vocab_size(cfg: Config) -> int:
     return cfg.data.vocab_size or min(cfg.model.vocab_size, 8192)
 
 
-def preflight(cfg: Config) -> tuple[Layout, SavedRun | None]:
-    """Everything that can be wrong with the inputs, checked before a process group or GPU memory exists."""
+def preflight(cfg: Config) -> SavedRun | None:
+    """Everything that can be wrong with the inputs, checked before a process group or GPU memory exists.
+    Returns the checkpoint to resume from, if any."""
     from complexity_dist.data import ShardIndex
 
     _, world, _ = world_from_env()
-    layout = cfg.layout(world)
+    cfg.layout(world)  # sizes that do not divide the world raise here
     check_supported(cfg)
     if cfg.data.path:
         ShardIndex.load(cfg.data.path).check(seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
@@ -44,7 +45,7 @@ def preflight(cfg: Config) -> tuple[Layout, SavedRun | None]:
         saved = Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep_last).latest()
         if saved is not None:
             Checkpointer.check_compatible(saved, cfg, world)
-    return layout, saved
+    return saved
 
 
 def resolve_data_path(cfg: Config, env: DistEnv) -> str:
@@ -192,7 +193,7 @@ class Trainer:
 
 def train_main(cfg: Config) -> int:
     """Validate, set up, train, tear down. Returns the process exit code."""
-    _, saved = preflight(cfg)
+    saved = preflight(cfg)
     Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
     env = init_distributed(cfg)
     try:
