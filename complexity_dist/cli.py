@@ -28,6 +28,12 @@ def _info(args: argparse.Namespace) -> int:
           f"micro_batch={layout.micro_batch} grad_accum={layout.grad_accum} zero={cfg.parallel.zero_stage}")
     print("training memory per GPU (estimate, GiB): " +
           ", ".join(f"{k} {v:.1f}" for k, v in mem.items()))
+    if args.preflight:
+        from complexity_dist.train.trainer import preflight
+
+        saved = preflight(cfg, args.world_size)
+        print(f"preflight ok: {'resumes from ' + str(saved.path) if saved else 'starts a new run'} "
+              f"in {cfg.train.run_dir}")
     return 0
 
 
@@ -74,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--world-size", type=int, default=1, help="number of GPUs/processes for the layout")
+    p.add_argument("--preflight", action="store_true",
+                   help="also run the trainer's checks (supported layout, data shards, checkpoint to resume)")
     p.set_defaults(func=_info)
 
     p = sub.add_parser("smoke", help="a few forward/backward steps on random tokens (no data needed)")

@@ -30,12 +30,12 @@ def embedded_vocab_size(cfg: Config) -> int:
     return cfg.data.vocab_size or min(cfg.model.vocab_size, 8192)
 
 
-def preflight(cfg: Config) -> SavedRun | None:
-    """Everything that can be wrong with the inputs, checked before a process group or GPU memory exists.
-    Returns the checkpoint to resume from, if any."""
+def preflight(cfg: Config, world: int) -> SavedRun | None:
+    """Everything that can be wrong with the inputs, checked before a process group or GPU memory exists:
+    layout, data shards, checkpoint compatibility. Returns the checkpoint to resume from, if any.
+    Launchers run it too (`complexity-dist info --preflight`) so a bad job fails before it is queued."""
     from complexity_dist.data import ShardIndex
 
-    _, world, _ = world_from_env()
     cfg.layout(world)  # sizes that do not divide the world raise here
     check_supported(cfg)
     if cfg.data.path:
@@ -193,7 +193,7 @@ class Trainer:
 
 def train_main(cfg: Config) -> int:
     """Validate, set up, train, tear down. Returns the process exit code."""
-    saved = preflight(cfg)
+    saved = preflight(cfg, world_from_env()[1])
     Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
     env = init_distributed(cfg)
     try:
