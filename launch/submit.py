@@ -42,8 +42,9 @@ from pathlib import Path
 
 import submitit
 
+from complexity_dist.train.faults import EXIT_REQUEUE  # a plain module: the submitter does not import torch
+
 ROOT = Path(__file__).resolve().parents[1]
-EXIT_REQUEUE = 99  # complexity_dist.train.faults.EXIT_REQUEUE (not imported: keeps torch out of the submitter)
 
 
 # ----------------------------------------------------------------------------------------------- sweeps
