@@ -27,6 +27,7 @@ from complexity_dist.train.metrics import METRICS_FILE, plot_metrics
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
+_MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 CONFIG_ARTIFACT = "resolved_config.yaml"
 PLOT_FILE = "loss_curve.png"
 
@@ -82,11 +83,14 @@ class Tracker:
     `resume_step` is the checkpoint step the training starts from: 0 means a fresh start, so a stale run
     id left in the run_dir is not continued; None (unknown) continues any saved run. MLflow cannot delete
     metric points, so steps logged after the checkpoint by the crashed segment stay in its history next
-    to the new ones (the later timestamp is the live one); metrics.jsonl is exact.
+    to the new ones (the later timestamp is the live one); metrics.jsonl is exact. Metrics are sent in
+    batches every `flush_seconds` and at finish: a process killed outright loses at most that much of its
+    MLflow history (never of metrics.jsonl).
     """
 
     def __init__(self, *, enabled: bool = True, uri: str = "", run_dir: str | Path = ".",
-                 experiment: str = "complexity-dist", run_name: str = "", resume_step: int | None = None):
+                 experiment: str = "complexity-dist", run_name: str = "", resume_step: int | None = None,
+                 flush_seconds: float = 5.0):
         self.run_dir = Path(run_dir)
         self.uri = resolve_uri(uri, run_dir) if enabled else uri
         self.experiment = experiment
@@ -96,6 +100,11 @@ class Tracker:
         self.run_id: str | None = None
         self.resumed = False
         self._client = None
+        # metrics are sent in batches, at most every flush_seconds (and at finish), so a slow or remote
+        # store does not stall rank 0 (and with it every rank) once per step
+        self.flush_seconds = flush_seconds
+        self._pending: list = []
+        self._last_flush = time.monotonic()
 
     @classmethod
     def from_config(cls, cfg: Any, run_dir: str | Path | None = None, resolved_config: dict | None = None,
@@ -220,7 +229,6 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = []
         for key, value in metrics.items():
             if hasattr(value, "item") and callable(value.item):
                 value = value.item()
@@ -228,11 +236,18 @@ class Tracker:
                 continue
             value = float(value)  # bools too (skipped -> 0/1)
             if value == value and abs(value) != float("inf"):
-                batch.append(Metric(key, value, now, int(step)))
-        if batch:
+                self._pending.append(Metric(key, value, now, int(step)))
+        if time.monotonic() - self._last_flush >= self.flush_seconds or len(self._pending) >= _MAX_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:_MAX_BATCH], self._pending[_MAX_BATCH:]
             self._client.log_batch(self.run_id, metrics=batch)
+        self._last_flush = time.monotonic()
 
     def _finish(self, status: str) -> None:
+        self._flush()
         jsonl = self.run_dir / METRICS_FILE
         if jsonl.exists():
             self._client.log_artifact(self.run_id, str(jsonl), "metrics")
