@@ -87,7 +87,8 @@ class Trainer:
             loader_state = rank_state["loader"]
         self.loader = TokenLoader(resolve_data_path(cfg, env), cfg.data.seq_len, env.layout.micro_batch,
                                   dp_rank=env.dp_rank, dp_size=env.layout.dp, seed=cfg.train.seed,
-                                  num_workers=cfg.data.num_workers, vocab_size=cfg.model.vocab_size)
+                                  num_workers=cfg.data.num_workers, vocab_size=cfg.model.vocab_size,
+                                  pin_memory=env.device.type == "cuda")
         if loader_state is not None:
             self.loader.load_state_dict(loader_state)
         self.faults = InjectedFaults()
