@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -49,7 +48,3 @@ def make_linear(in_features: int, out_features: int, bias: bool = False, paralle
     layer = nn.Linear(in_features, out_features, bias=bias)
     layer.tp_parallel = parallel
     return layer
-
-
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up

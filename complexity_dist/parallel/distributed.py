@@ -71,14 +71,3 @@ def init_distributed(cfg: Config) -> DistEnv:
                                 device_id=device if backend == "nccl" else None)
     return DistEnv(rank, world, local_rank, device, layout)
 
-
-def all_reduce_max(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / dist.get_world_size()

@@ -49,8 +49,9 @@ def preflight(cfg: Config, world: int) -> SavedRun | None:
 
 
 def resolve_data_path(cfg: Config, env: DistEnv) -> str:
-    """The configured shards, or the embedded corpus, prepared once per node by its first process."""
-    from complexity_dist.data import ShardIndex, embedded_corpus_dir
+    """The configured shards, or the embedded corpus, prepared once per node by its first process.
+    (TokenLoader checks the shards against seq_len and vocab when it opens them.)"""
+    from complexity_dist.data import embedded_corpus_dir
 
     if cfg.data.path:
         return cfg.data.path
@@ -60,7 +61,6 @@ def resolve_data_path(cfg: Config, env: DistEnv) -> str:
     dist.barrier()
     if path is None:
         path = embedded_corpus_dir(data_cache_root(), cfg.data.seq_len, embedded_vocab_size(cfg))
-    ShardIndex.load(path).check(seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
     return str(path)
 
 
