@@ -6,11 +6,14 @@ import sys
 
 from complexity_dist.config import ConfigError, load_config
 from complexity_dist.data.errors import DataError
+from complexity_dist.train.run_lock import RunDirError, probe_run_lock
 
 
 def _info(args: argparse.Namespace) -> int:
     from complexity_dist.model.accounting import flops_per_token, model_counts, training_memory_gib
 
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size {args.world_size} must be >= 1 (the number of processes of the run)")
     cfg = load_config(args.config, args.overrides)
     counts = model_counts(cfg.model)
     seq = cfg.data.seq_len
@@ -31,6 +34,8 @@ def _info(args: argparse.Namespace) -> int:
     if args.preflight:
         from complexity_dist.train.trainer import preflight
 
+        if cfg.train.run_lock:
+            probe_run_lock(cfg.train.run_dir)  # a queued job on a run_dir in use fails now, not after the wait
         saved = preflight(cfg, args.world_size)
         print(f"preflight ok: {'resumes from ' + str(saved.path) if saved else 'starts a new run'} "
               f"in {cfg.train.run_dir}")
@@ -76,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     from complexity_dist.data.prepare import add_prepare_data_parser
     add_prepare_data_parser(sub)
 
+    from complexity_dist.train.bench import add_bench_parser
+    add_bench_parser(sub)
+
     p = sub.add_parser("info", help="parameters, FLOPs per token and a memory estimate of a config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")
@@ -103,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *rest]
     try:
         return args.func(args)
+    except RunDirError as e:
+        print(f"complexity-dist: run directory error: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"complexity-dist: configuration error: {e}", file=sys.stderr)
         return 2

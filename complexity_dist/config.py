@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Sizes and options of the Complexity v0.13 decoder (shared/SPEC.md)."""
+    """Sizes and options of the Complexity v0.13 decoder (docs/architecture.md)."""
 
     vocab_size: int = 32000
     hidden_size: int = 256
@@ -76,6 +76,20 @@ class ModelConfig:
         _require(self.dynamics_beta_max > 0, f"model.dynamics_beta_max={self.dynamics_beta_max} must be > 0")
         _require(self.dynamics_velocity_clamp > 0,
                  f"model.dynamics_velocity_clamp={self.dynamics_velocity_clamp} must be > 0")
+        _require(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0 (the usual value is 10000)")
+        _require(self.rms_norm_eps > 0, f"model.rms_norm_eps={self.rms_norm_eps} must be > 0 (e.g. 1e-6)")
+        _require(self.initializer_range >= 0,
+                 f"model.initializer_range={self.initializer_range} must be >= 0 (a standard deviation, e.g. 0.02)")
+        # dt is the Euler step of a_next = a + dt * gate * v: at 0 the dynamics do nothing and their
+        # controller gets no gradient; above 1 one step moves further than the velocity it integrates
+        # (the explicit update overshoots). The reference uses 0.1.
+        _require(0 < self.dynamics_dt <= 1, f"model.dynamics_dt={self.dynamics_dt} must be in (0, 1] (e.g. 0.1)")
+        # the highway R sums mu over all layers before it: a scale above 1 lets it outgrow mu with depth
+        _require(0 <= self.mu_highway_scale <= 1,
+                 f"model.mu_highway_scale={self.mu_highway_scale} must be in [0, 1] (e.g. 0.1)")
+        # a negative margin would push every token away from its base expert token_id % num_experts
+        _require(self.router_base_margin >= 0,
+                 f"model.router_base_margin={self.router_base_margin} must be >= 0 (e.g. 10)")
 
 
 @dataclass
@@ -100,10 +114,18 @@ class DataConfig:
     seq_len: int = 256
     num_workers: int = 0
     vocab_size: int = 0  # of the BPE trained on the embedded corpus; 0 = min(model.vocab_size, 8192)
+    # held-out data for validation loss (train.eval_every): a prepared folder of its own, OR the last
+    # val_shards shards of the training data's index, which are then never trained on
+    val_path: str = ""
+    val_shards: int = 0
 
     def validate(self) -> None:
         _require(self.seq_len >= 1, f"data.seq_len={self.seq_len} must be >= 1")
         _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _require(self.val_shards >= 0, f"data.val_shards={self.val_shards} must be >= 0 (0 = none held out)")
+        _require(not (self.val_path and self.val_shards),
+                 f"data.val_path={self.val_path!r} and data.val_shards={self.val_shards} both name held-out data; "
+                 f"set only one")
 
 
 @dataclass
@@ -137,8 +159,14 @@ class TrainConfig:
     max_consecutive_skips: int = 5
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer (fuses the norm/dynamics/SwiGLU elementwise work)
+    eval_every: int = 0  # steps between validation-loss evaluations (and at the last step); 0 = never
+    eval_batches: int = 10  # global batches of held-out samples per evaluation (the same samples every time)
+    # one run per run_dir, enforced by rank 0 holding <run_dir>/.lock (flock); false only for a file system
+    # without flock, where you make sure yourself that no two runs share the run_dir (docs/cluster.md)
+    run_lock: bool = True
 
     def validate(self) -> None:
+        _require(self.run_dir.strip() != "", "train.run_dir is empty; set it to the run's folder, e.g. runs/tiny")
         _require(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
         _require(self.global_batch >= 1, f"train.global_batch={self.global_batch} must be >= 1")
         _require(self.micro_batch >= 0, f"train.micro_batch={self.micro_batch} must be >= 0 (0 = automatic)")
@@ -146,6 +174,8 @@ class TrainConfig:
         _require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
         _require(self.max_consecutive_skips >= 1,
                  f"train.max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
+        _require(self.eval_every >= 0, f"train.eval_every={self.eval_every} must be >= 0 (0 = no evaluation)")
+        _require(self.eval_batches >= 1, f"train.eval_batches={self.eval_batches} must be >= 1")
 
 
 @dataclass
@@ -191,6 +221,16 @@ class Config:
                  m.expert_intermediate_size)
         _divides("parallel", "ep", p.ep, "model.num_experts", m.num_experts)
         _divides("parallel", "pp", p.pp, "model.num_hidden_layers", m.num_hidden_layers)
+        _require(self.train.eval_every == 0 or bool(self.data.val_path) or self.data.val_shards > 0,
+                 f"train.eval_every={self.train.eval_every} needs held-out data: set data.val_path to a folder "
+                 f"made by `complexity-dist prepare-data`, or data.val_shards=N to hold out the last N shards")
+        # MLflow's default store is sqlite:///<run_dir>/mlflow.db, a URL: there "%xx" is decoded, "?" starts
+        # the query and "#" the fragment, so the database or its artifacts would land in another folder
+        bad = sorted(set("%?#") & set(self.train.run_dir))
+        _require(not (bad and self.tracking.enabled and not self.tracking.uri),
+                 f"train.run_dir={self.train.run_dir!r} contains {' '.join(bad)}, which breaks MLflow's default "
+                 f"sqlite store in the run directory; rename the folder, or set tracking.uri (or "
+                 f"tracking.enabled=false)")
         _require(self.data.seq_len <= m.max_position_embeddings,
                  f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                  f"{m.max_position_embeddings}")
@@ -222,6 +262,7 @@ class Layout:
     @classmethod
     def build(cls, cfg: Config, world_size: int) -> "Layout":
         p, t = cfg.parallel, cfg.train
+        _require(world_size >= 1, f"world size {world_size} must be >= 1 (the number of processes)")
         model_parallel = p.tp * p.pp
         _require(world_size % model_parallel == 0,
                  f"world size {world_size} is not a multiple of parallel.tp * parallel.pp = {model_parallel}; "
@@ -319,6 +360,27 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
     setattr(sec, key, _coerce(f"{section}.{key}", value, types[key]))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {seen[key]}); keep one",
+                        key_node.start_mark)
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, str, Any]]:
     out = []
     for item in overrides:
@@ -338,12 +400,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; give a YAML file, e.g. configs/tiny.yaml")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8")
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            line = e.object[:e.start].count(b"\n") + 1
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}, line {line}: "
+                              f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8") from None
+        try:
+            raw = yaml.load(text, Loader=_StrictLoader) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(e, "problem", None) or " ".join(str(e).split())
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must be a mapping of sections")
         for section, values in raw.items():

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import submitit
 
+from complexity_dist.redact import redact
 from complexity_dist.train.faults import EXIT_REQUEUE  # a plain module: the submitter does not import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +210,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         rank = job_env.global_rank
         if rank == 0:
             print(f"[launch.submit] {job_env}: attempt {self.attempt + 1}, {self.device}, "
-                  f"{self.config} {' '.join(self.overrides)}", file=sys.stderr, flush=True)
+                  f"{self.config} {redact(' '.join(self.overrides))}", file=sys.stderr, flush=True)
 
         relay = _PreemptionRelay()
         relay.install()
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = (f"{args.nodes} node(s) x {params['tasks_per_node']} "
               f"{'CPU process(es)' if jobs[0].device == 'cpu' else 'GPU(s)'}")
     for i, job in enumerate(jobs):
-        print(f"run {i}: {Path(job.config).name} {' '.join(job.overrides)}")
+        print(f"run {i}: {Path(job.config).name} {redact(' '.join(job.overrides))}")  # no passwords in URIs
     if args.dry_run:
         print(f"dry run: {len(jobs)} run(s) on {layout} each; nothing submitted")
         return 0

@@ -26,7 +26,11 @@ CX_EXIT_CONFIG=2       # bad config or overrides: rejected before any process st
 CX_EXIT_SETUP=4        # the Python environment or the repository could not be found (3 is the trainer's "diverged")
 CX_EXIT_REQUEUE=99     # stopped for preemption after a checkpoint (== complexity_dist.train.faults.EXIT_REQUEUE)
 
-cx_log() { echo "[complexity $(date +%H:%M:%S)] $*" >&2; }
+# Passwords in URIs (tracking.uri=http://user:pass@host overrides) are masked: user:***@, ***@.
+cx_log() {
+  echo "[complexity $(date +%H:%M:%S)] $*" |
+    sed -E 's#(://[^:/@[:space:]]*):[^@/[:space:]]*@#\1:***@#g; s#://[^:/@[:space:]]+@#://***@#g' >&2
+}
 
 cx_die() { local code=$1; shift; cx_log "error: $*"; exit "$code"; }
 

@@ -1,4 +1,4 @@
-"""An independent, loop-by-loop reading of SPEC.md §1 over a state_dict with the checkpoint names of §6.
+"""An independent, loop-by-loop reading of docs/architecture.md ("One layer") over a state_dict with its checkpoint names.
 Deliberately naive (per head, per token), sharing no code with complexity_dist.model."""
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ Usable outside pytest:  python tests/slurm_cluster.py up|down [STATE_DIR]   (EMU
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -78,6 +79,9 @@ def slurm_conf_text(state: Path, ctld_port: int, nodes: list[tuple[str, int, int
 ClusterName=cx-test-{ctld_port}
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={ctld_port}
+# slurmctld (NoCtldInAddrAny) and slurmd (NoInAddrAny) bind to their configured 127.0.0.1, not 0.0.0.0:
+# nothing outside this machine can reach the test cluster
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -194,6 +198,11 @@ class LocalSlurm:
             raise ClusterError(f"{name} failed to start:\n{self.logs()}")
         self._pids.append((name, int(pidfile.read_text().split()[0])))
 
+    @property
+    def ports(self) -> list[int]:
+        """The TCP ports of this cluster's daemons: slurmctld's, then each slurmd's."""
+        return [self.ctld_port, *(port for _, port, _ in self.node_specs)]
+
     def node_state(self) -> str:
         r = self._client(["sinfo", "-h", "-N", "-o", "%N %T"])
         return (r.stdout + r.stderr).strip()
@@ -247,6 +256,27 @@ class LocalSlurm:
             if tok.startswith(field + "="):
                 return tok.split("=", 1)[1]
         return ""
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the TCP sockets listening on `port` (IPv4 and IPv6), read from /proc/net:
+    e.g. {"127.0.0.1"}, or {"0.0.0.0"} for a socket bound to every interface."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            addr_hex, port_hex = fields[1].split(":")
+            if fields[3] != "0A" or int(port_hex, 16) != port:  # 0A = LISTEN
+                continue
+            raw = bytes.fromhex(addr_hex)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+            found.add(str(ipaddress.ip_address(raw)))
+    return found
 
 
 def _alive(pid: int) -> bool:

@@ -5,14 +5,16 @@ Kept free of torch imports: tokenizer processes are spawned and import only this
 from __future__ import annotations
 
 import collections
+import json
 import multiprocessing
 import os
+import re
 from typing import Iterable, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from complexity_dist.data.documents import Piece
+from complexity_dist.data.documents import Piece, whitespace_parts
 
 _worker: "ChunkEncoder | None" = None  # the encoder of a tokenizer process
 
@@ -27,17 +29,36 @@ class ChunkEncoder:
         self.tokenizer.encode_special_tokens = True
         self.eos = np.array([eos_id], dtype=dtype)
         self.dtype = dtype
+        self.split = splits_at_whitespace(tokenizer_json)
 
     def __call__(self, chunk: list[Piece]) -> tuple[np.ndarray, int]:
+        # Encoding a text costs ~100+ bytes of memory per character while it runs; with a tokenizer whose
+        # tokens never span the cut points, pieces go in small parts (same ids, bounded memory, and the
+        # parts of one piece are encoded on several threads).
+        texts, owner = [], []
+        for number, (text, _) in enumerate(chunk):
+            for part in (whitespace_parts(text) if self.split else (text,)):
+                texts.append(part)
+                owner.append(number)
         # no special tokens from the tokenizer's post-processor: the only one we add is EOS, ourselves
-        encodings = self.tokenizer.encode_batch([text for text, _ in chunk], add_special_tokens=False)
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         parts, documents = [], 0
-        for encoding, (_, ends_document) in zip(encodings, chunk):
+        for i, encoding in enumerate(encodings):
             parts.append(np.asarray(encoding.ids, dtype=self.dtype))
-            if ends_document:
+            last_of_piece = i + 1 == len(encodings) or owner[i + 1] != owner[i]
+            if last_of_piece and chunk[owner[i]][1]:
                 parts.append(self.eos)
                 documents += 1
         return (np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)), documents
+
+
+def splits_at_whitespace(tokenizer_json: str) -> bool:
+    """Whether the tokenizer is GPT-2-style byte-level (no normalizer, ByteLevel pre-tokenizer with its
+    regex, no added token holding whitespace), i.e. cutting text as `whitespace_parts` does keeps its ids."""
+    spec = json.loads(tokenizer_json)
+    pre = spec.get("pre_tokenizer") or {}
+    return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not any(re.search(r"\s", t.get("content", "")) for t in spec.get("added_tokens") or []))
 
 
 def _start_worker(tokenizer_json: str, eos_id: int, dtype: str) -> None:

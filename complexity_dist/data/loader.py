@@ -22,6 +22,8 @@ dataset of at most VERIFY_AT_START_BYTES is also checked whole when the loader i
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Iterator
 
@@ -50,7 +52,7 @@ class TokenLoader:
 
     def __init__(self, path: str | Path, seq_len: int, micro_batch: int, dp_rank: int, dp_size: int, seed: int,
                  num_workers: int = 0, vocab_size: int | None = None, shuffle_window: int = 4,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, shards: slice | None = None):
         if micro_batch < 1:
             raise DataError(f"micro_batch={micro_batch} must be >= 1")
         if not 0 <= dp_rank < dp_size:
@@ -58,10 +60,13 @@ class TokenLoader:
         if num_workers < 0 or shuffle_window < 1:
             raise DataError(f"num_workers={num_workers} must be >= 0 and shuffle_window={shuffle_window} >= 1")
         self.index = ShardIndex.load(path).check(seq_len=seq_len, vocab_size=vocab_size)
+        if shards is not None:
+            self.index = _part(self.index, shards)
         if self.index.total_bytes <= VERIFY_AT_START_BYTES:
             self.index.verify()
         self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
+        self.vocab_size = vocab_size  # ids in the shards must be below it (the tokenizer's size when None)
         self.order = SampleOrder([s.samples for s in self.index.shards], seed, shuffle_window)
         self._round = 0  # micro-batches this rank has handed to the caller = rounds completed
 
@@ -79,7 +84,8 @@ class TokenLoader:
         return self.next_sample // self.order.samples_per_epoch
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        batches = _RankBatches(self.index, self.order, self.micro_batch, self.dp_rank, self.dp_size, self._round)
+        batches = _RankBatches(self.index, self.order, self.micro_batch, self.dp_rank, self.dp_size, self._round,
+                               self.vocab_size)
         # batch_size=None: the dataset yields whole micro-batches, in the order workers are polled
         loader = DataLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         for batch in loader:
@@ -109,19 +115,31 @@ class TokenLoader:
         self._round = next_sample // self.samples_per_round
 
 
+def _part(index: ShardIndex, shards: slice) -> ShardIndex:
+    """Only the shards `index.shards[shards]` (a training/held-out split). The part gets its own
+    fingerprint, so a loader state saved with another split refuses to load."""
+    part = index.shards[shards]
+    if not part:
+        raise DataError(f"shards [{shards.start}:{shards.stop}] of {index.root} select none of its "
+                        f"{len(index.shards)} shards")
+    name = index.fingerprint + "".join(f":{s.name}" for s in part)
+    return dataclasses.replace(index, shards=part, total_tokens=sum(s.samples for s in part) * index.sample_len,
+                               fingerprint=hashlib.sha256(name.encode()).hexdigest())
+
+
 class _RankBatches(IterableDataset):
     """Rank `dp_rank`'s micro-batches from round `first_round` on; in a worker, only that worker's share."""
 
     def __init__(self, index: ShardIndex, order: SampleOrder, micro_batch: int, dp_rank: int, dp_size: int,
-                 first_round: int):
+                 first_round: int, vocab_size: int | None = None):
         self.index, self.order = index, order
         self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
-        self.first_round = first_round
+        self.first_round, self.vocab_size = first_round, vocab_size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        shards = _ShardCache(self.index, capacity=2 * self.order.window)
+        shards = _ShardCache(self.index, capacity=2 * self.order.window, vocab_size=self.vocab_size)
         offsets = np.arange(self.micro_batch, dtype=np.int64)
         rnd = self.first_round + worker_id
         while True:
@@ -154,8 +172,9 @@ class _Failure:
 class _ShardCache:
     """The last few shards read (and verified), by shard number."""
 
-    def __init__(self, index: ShardIndex, capacity: int):
+    def __init__(self, index: ShardIndex, capacity: int, vocab_size: int | None = None):
         self.index, self.capacity = index, capacity
+        self.vocab_size = index.vocab_size if vocab_size is None else vocab_size
         self.shards: dict[int, np.ndarray] = {}
 
     def get(self, number: int) -> np.ndarray:
@@ -164,5 +183,16 @@ class _ShardCache:
         else:
             if len(self.shards) >= self.capacity:
                 self.shards.pop(next(iter(self.shards)))
-            self.shards[number] = self.index.read_shard(number)
+            self.shards[number] = self._checked(number, self.index.read_shard(number))
         return self.shards[number]
+
+    def _checked(self, number: int, samples: np.ndarray) -> np.ndarray:
+        # an id past the embedding is an IndexError on CPU and a device-side assert on GPU: refuse it here,
+        # once per shard read (a max over the shard, cheap beside hashing it)
+        largest = int(samples.max()) if samples.size else -1
+        if largest >= self.vocab_size:
+            raise DataError(f"shard {self.index.shard_path(number)} holds token id {largest}, but the vocab size "
+                            f"is {self.vocab_size} (model.vocab_size, or the dataset's when none is given), so "
+                            f"ids must be < {self.vocab_size}; prepare the data with a tokenizer of at most "
+                            f"{self.vocab_size} tokens or raise model.vocab_size")
+        return samples

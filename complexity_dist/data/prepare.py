@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from complexity_dist.data.documents import chunked, expand_inputs, read_all_pieces
+from complexity_dist.data.documents import chunked, expand_inputs, read_all_pieces, training_texts
 from complexity_dist.data.encode import encode_chunks
 from complexity_dist.data.errors import DataError
 from complexity_dist.data.files import staging_dir
@@ -52,7 +52,7 @@ def prepare_data(inputs: list[Path], out_dir: Path, seq_len: int, tokenizer: Pat
             tokenizer_bytes = Path(tokenizer).read_bytes()  # copied verbatim: its sha256 names it
         else:
             with _bar(progress, input_bytes, "training tokenizer") as bar:
-                tok = train_bpe((text for text, _ in _counted(read_all_pieces(files), bar)), vocab_size)
+                tok = train_bpe(training_texts(_counted(read_all_pieces(files), bar)), vocab_size)
             tokenizer_bytes = tok.to_str(pretty=True).encode()
         (tmp / TOKENIZER_NAME).write_bytes(tokenizer_bytes)
         eos_id = eos_id_of(tok, tokenizer or "trained on the inputs")

@@ -157,6 +157,7 @@ class ShardIndex:
                             f"{REPREPARE_HINT}") from None
         if not shards or any(s.samples < 1 for s in shards):
             raise DataError(f"{index_file} lists no samples; prepare it again from more text or a smaller --seq-len")
+        index._confined(index.tokenizer, "tokenizer")
         for shard in shards:  # a stat per shard: cheap, and a missing file is better found before step 1
             index._check_present(shard)
         return index
@@ -187,7 +188,7 @@ class ShardIndex:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.root / self.tokenizer
+        return self._confined(self.tokenizer, "tokenizer")
 
     def shard_path(self, number: int) -> Path:
         return self.root / self.shards[number].name
@@ -234,8 +235,24 @@ class ShardIndex:
                 raise DataError(f"shard {self.shard_path(number)} is corrupt: its sha256 {digest} differs from "
                                 f"{shard.sha256} in {INDEX_NAME}; {REPREPARE_HINT}")
 
+    def _confined(self, name: str, what: str) -> Path:
+        """`root/name`, refused unless `name` is a plain file name whose real path is inside the folder:
+        index.json is data, and must not make the loader read (or hash) files elsewhere."""
+        root = self.root.resolve()
+        plain = (isinstance(name, str) and name not in ("", ".", "..") and not set(name) & {"/", "\\", "\0"}
+                 and not Path(name).is_absolute())
+        try:
+            inside = plain and (root / name).resolve().parent == root  # follows links, as open() would
+        except (OSError, RuntimeError):  # a link loop
+            inside = False
+        if not inside:
+            raise DataError(f"{self.root / INDEX_NAME}: the {what} entry {name!r} is not a file name inside "
+                            f"{self.root} (no folders, '..', absolute paths or links leading out of it are "
+                            f"allowed); {REPREPARE_HINT}")
+        return self.root / name
+
     def _check_present(self, shard: ShardInfo) -> None:
-        path = self.root / shard.name
+        path = self._confined(shard.name, "shard")
         if not path.is_file():
             raise DataError(f"shard {path} listed in {self.root / INDEX_NAME} is missing; {REPREPARE_HINT}")
         if path.stat().st_size != shard.bytes:

@@ -1,4 +1,4 @@
-"""Parameter counts, FLOPs per token (SPEC.md §4) and a training-memory estimate, from the real module
+"""Parameter counts, FLOPs per token (docs/architecture.md) and a training-memory estimate, from the real module
 built on the meta device, so the numbers describe exactly what trains."""
 from __future__ import annotations
 

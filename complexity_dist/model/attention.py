@@ -1,4 +1,4 @@
-"""Mu-guided grouped-query attention (SPEC.md §1.2)."""
+"""Mu-guided grouped-query attention (docs/architecture.md, "One layer", step 2)."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +13,7 @@ class MuGuidedAttention(nn.Module):
     """q/k/v from the normed input plus, after layer 0, from the previous layer's mu.
 
     The x and mu projections are kept as separate weights so the state_dict has the checkpoint names of
-    SPEC.md §6, and are applied as one GEMM of [n, mu_prev] (2H wide) against the stacked weights.
+    docs/architecture.md, and are applied as one GEMM of [n, mu_prev] (2H wide) against the stacked weights.
     Layer 0 has no mu input, so it has no mu_to_* weights (the reference keeps dead ones).
     """
 

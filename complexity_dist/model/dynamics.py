@@ -1,4 +1,4 @@
-"""INL dynamics (SPEC.md §1.3): a learned, clamped velocity update applied to the attention output."""
+"""INL dynamics (docs/architecture.md, "One layer", step 3): a learned, clamped velocity update applied to the attention output."""
 from __future__ import annotations
 
 import torch

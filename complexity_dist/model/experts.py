@@ -1,4 +1,4 @@
-"""Token-routed mixture of SwiGLU experts (SPEC.md §1.5).
+"""Token-routed mixture of SwiGLU experts (docs/architecture.md, "One layer", step 5).
 
 Routing is deterministic: expert = token_id % E, unless mu_router's logit for another expert beats the
 base expert's bonus of `router_base_margin` (10). Tokens are grouped by expert and each expert runs one

@@ -10,7 +10,7 @@ from complexity_dist.config import Config, Layout
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm weights and mu get no weight decay (SPEC.md §7)."""
+    """Biases, norm weights and mu get no weight decay (docs/architecture.md, "Training recipe")."""
     return param.dim() < 2 or name.endswith(".bias") or "norm" in name or name.endswith("dynamics.mu")
 
 

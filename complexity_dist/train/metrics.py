@@ -188,6 +188,20 @@ def memory_gib(device: Any = None) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / _GIB
 
 
+def peak_memory_gib(device: Any = None) -> float:
+    """The peak so far, in GiB: on a CUDA device, torch.cuda.max_memory_allocated (tensors torch allocated,
+    not the allocator's cache); elsewhere, the peak resident set size of this process (ru_maxrss: all of
+    the process's memory, the Python interpreter and libraries included)."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / _GIB
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / _GIB
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "-"
@@ -204,11 +218,14 @@ def _num(value: Any, fmt: str) -> str:
 def format_step(record: dict, total_steps: int, mem_gib: float | None = None,
                 eta_s: float | None = None) -> str:
     """`step 12/100 | loss 3.4567 | lr 3.00e-04 | gnorm 0.812 | 12,345 tok/s | mfu 41.2% | mem 1.2 GiB
-    | eta 3m05s` (one line; `-` for a value that is not known, e.g. MFU on CPU)."""
+    | eta 3m05s` (one line; `-` for a value that is not known, e.g. MFU on CPU), with
+    `| val_loss 3.5012 | val_ppl 33.15` after the loss at steps that evaluated."""
     mfu = record.get("mfu")
     parts = [
         f"step {record['step']}/{total_steps}",
         f"loss {_num(record.get('loss'), '.4f')}",
+        *([f"val_loss {_num(record.get('val_loss'), '.4f')}", f"val_ppl {_num(record.get('val_ppl'), '.2f')}"]
+          if "val_loss" in record else []),
         f"lr {_num(record.get('lr'), '.2e')}",
         f"gnorm {_num(record.get('grad_norm'), '.3f')}",
         f"{_num(record.get('tokens_per_s'), ',.0f')} tok/s",
@@ -243,13 +260,15 @@ class StepPrinter:
     def update(self, record: dict, rates: Rates | None = None) -> str:
         """Show one step's record (as given to MetricsLog.write); returns the formatted line."""
         step = record["step"]
-        line = format_step(record, self.total_steps, memory_gib(self.device),
+        mem = record.get("peak_mem_gib")
+        line = format_step(record, self.total_steps, memory_gib(self.device) if mem is None else mem,
                            rates.eta_s if rates is not None else None)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             # tqdm rate-limits redraws itself (mininterval); the postfix drops the redundant step/total
             self._bar.set_postfix_str(line.split(" | ", 1)[1], refresh=False)
-        elif step % self.log_every == 0 or step == self.total_steps or record.get("skipped"):
+        elif (step % self.log_every == 0 or step == self.total_steps or record.get("skipped")
+              or "val_loss" in record):  # an evaluation is always shown
             print(line, file=self.stream, flush=True)
         return line
 

@@ -6,9 +6,16 @@ tracking URI and the error, and every later call is a no-op.
 
 Nothing here touches MLflow's global state (no `mlflow.start_run`, no `mlflow.set_tracking_uri`): all
 calls go through one `MlflowClient` bound to the URI, so no active run leaks into other code or tests.
+
+Credentials: a password in the URI (`http://user:pass@host:5000`) or in MLFLOW_TRACKING_USERNAME/PASSWORD
+(or a bearer MLFLOW_TRACKING_TOKEN) is sent to the server, by the reachability probe and by MLflow's client.
+MLflow's client authenticates only from those environment variables, so a password in the URI is moved
+there (it wins over values already set) and the client gets the URI without it. Every copy that leaves the
+process (warnings, params, the resolved-config artifact) goes through complexity_dist.redact: `***`.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -22,6 +29,7 @@ from typing import Any, Callable
 
 import yaml
 
+from complexity_dist.redact import redact, redact_tree, redact_uri
 from complexity_dist.train.metrics import METRICS_FILE, plot_metrics
 
 log = logging.getLogger(__name__)
@@ -52,13 +60,44 @@ def resolve_uri(uri: str, run_dir: str | Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """(the URI without its user-info, user, password): user and password percent-decoded, None where
+    absent. Only for http(s) URIs; anything else comes back unchanged."""
+    if not uri.startswith(("http://", "https://")):
+        return uri, None, None
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, None, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, sep, password = userinfo.partition(":")
+    bare = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return bare, urllib.parse.unquote(user), urllib.parse.unquote(password) if sep else None
+
+
+def _authorization(user: str | None = None, password: str | None = None) -> str | None:
+    """The Authorization header MLflow's client would send: Basic for a user (from the URI, else from
+    MLFLOW_TRACKING_USERNAME/PASSWORD), else Bearer for MLFLOW_TRACKING_TOKEN."""
+    if user is None and os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    if user is not None:
+        return "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return "Bearer " + os.environ["MLFLOW_TRACKING_TOKEN"]
+    return None
+
+
 def _probe(uri: str) -> None:
     """Fail fast on an HTTP server that is not there: one GET of /health with a short timeout and no
-    retries. Any HTTP answer (even 401/404 from a proxy) counts as reachable, and so does a TLS complaint
-    (MLflow has its own certificate settings); the real calls judge those."""
-    health = uri.rstrip("/") + "/health"
+    retries, with the run's credentials (urllib cannot take them from the URI: it would read
+    `user:pass@host` as the host name). Any HTTP answer (even 401/404 from a proxy) counts as reachable,
+    and so does a TLS complaint (MLflow has its own certificate settings); the real calls judge those."""
+    bare, user, password = split_credentials(uri)
+    request = urllib.request.Request(bare.rstrip("/") + "/health")
+    auth = _authorization(user, password)
+    if auth:
+        request.add_header("Authorization", auth)
     try:
-        urllib.request.urlopen(health, timeout=_PROBE_TIMEOUT_S).close()
+        urllib.request.urlopen(request, timeout=_PROBE_TIMEOUT_S).close()
     except urllib.error.HTTPError:
         pass
     except urllib.error.URLError as e:
@@ -92,7 +131,12 @@ class Tracker:
                  experiment: str = "complexity-dist", run_name: str = "", resume_step: int | None = None,
                  flush_seconds: float = 5.0):
         self.run_dir = Path(run_dir)
-        self.uri = resolve_uri(uri, run_dir) if enabled else uri
+        resolved = resolve_uri(uri, run_dir) if enabled else uri
+        # the only form that is ever printed or stored
+        self.display_uri = redact_uri(resolved)
+        # what the MLflow client gets: without a user:password, which goes to the environment in _start
+        bare, self._user, self._password = split_credentials(resolved)
+        self.uri = bare if self._password is not None else resolved
         self.experiment = experiment
         self.run_name = run_name or self.run_dir.resolve().name
         self.enabled = enabled
@@ -125,10 +169,11 @@ class Tracker:
             return fn()
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             self.enabled = False
+            # error texts may quote a URL or a header: redact them too
             log.warning("MLflow tracking disabled: %s failed for tracking URI %s: %s: %s "
                         "(training continues; metrics are still written to %s)",
-                        what, self.uri, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
-                        self.run_dir / METRICS_FILE)
+                        redact(what), self.display_uri, type(e).__name__,
+                        redact(str(e).splitlines()[0]) if str(e) else "", self.run_dir / METRICS_FILE)
             return None
 
     # --- public API ---
@@ -158,6 +203,9 @@ class Tracker:
     def _start(self, params: dict[str, Any], resolved_config: dict) -> None:
         for key, value in _HTTP_ENV.items():
             os.environ.setdefault(key, value)
+        if self._password is not None:  # MLflow's client reads credentials only from here
+            os.environ["MLFLOW_TRACKING_USERNAME"] = self._user or ""
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = self._password
         if self.uri.startswith(("http://", "https://")):
             _probe(self.uri)
         from mlflow.tracking import MlflowClient  # heavy import, only when tracking is on
@@ -178,7 +226,7 @@ class Tracker:
             _write_atomic(self.run_dir / RUN_ID_FILE, self.run_id + "\n")
             self._log_params(params)
         config_file = self.run_dir / CONFIG_ARTIFACT
-        _write_atomic(config_file, yaml.safe_dump(resolved_config, sort_keys=False))
+        _write_atomic(config_file, yaml.safe_dump(redact_tree(resolved_config), sort_keys=False))
         self._client.log_artifact(self.run_id, str(config_file), "config")
 
     def _existing_run(self) -> str | None:
@@ -197,7 +245,7 @@ class Tracker:
             run = None
         if run is None or run.info.lifecycle_stage != "active":
             log.warning("MLflow run %s from %s is not in %s (deleted, or another store); starting a new run",
-                        run_id, path, self.uri)
+                        run_id, path, self.display_uri)
             return None
         return run_id
 
@@ -220,7 +268,7 @@ class Tracker:
     def _log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(str(k), json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+        items = [Param(str(k), redact(json.dumps(v) if isinstance(v, (list, dict)) else str(v)))
                  for k, v in params.items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             self._client.log_batch(self.run_id, params=items[i:i + 100])

@@ -15,11 +15,15 @@ from complexity_dist.config import Config
 from complexity_dist.model import ComplexityForCausalLM
 from complexity_dist.model.accounting import flops_per_token, model_counts
 from complexity_dist.parallel.distributed import DistEnv, check_supported, init_distributed, world_from_env
-from complexity_dist.train.checkpoint import Checkpointer, SavedRun
-from complexity_dist.train.faults import (EXIT_DIVERGED, EXIT_REQUEUE, InjectedFaults, PreemptionSignal,
-                                          SkipGuard, TrainingDiverged)
+from complexity_dist.train.checkpoint import (CheckpointMismatch, Checkpointer, SavedRun, finished,
+                                              print_notes)
+from complexity_dist.train.faults import (EXIT_DIVERGED, EXIT_NO_SPACE, EXIT_REQUEUE, InjectedFaults,
+                                          NoSpaceLeft, PreemptionSignal, SkipGuard, TrainingDiverged)
 from complexity_dist.parallel.deepspeed_engine import build_engine, global_grad_norm
+from complexity_dist.train.evaluation import build_evaluator, check_heldout, training_shards
 from complexity_dist.train.schedule import lr_at
+from complexity_dist.train.step import optimizer_step
+from complexity_dist.train.run_lock import check_run_dir, run_dir_lock
 
 
 def data_cache_root() -> Path:
@@ -38,13 +42,23 @@ def preflight(cfg: Config, world: int) -> SavedRun | None:
 
     cfg.layout(world)  # sizes that do not divide the world raise here
     check_supported(cfg)
+    check_run_dir(cfg.train.run_dir)  # not an existing file, writable (read-only mounts, permissions)
     if cfg.data.path:
         ShardIndex.load(cfg.data.path).check(seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
+    check_heldout(cfg)  # data.val_path / data.val_shards
     saved = None
-    if cfg.checkpoint.resume:
-        saved = Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep_last).latest()
+    checkpointer = Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep_last)
+    if not cfg.checkpoint.resume:
+        checkpointer.refuse_overwrite()  # never start over on top of existing checkpoints unasked
+    else:
+        saved = checkpointer.latest()  # falls back past damaged checkpoints; refuses tampered ones
         if saved is not None:
             Checkpointer.check_compatible(saved, cfg, world)
+            print_notes(saved)
+            if saved.step > cfg.train.steps:
+                raise CheckpointMismatch(
+                    f"checkpoint {saved.path} is already at step {saved.step} > train.steps={cfg.train.steps}; "
+                    f"raise train.steps to continue it, or use a new train.run_dir for a shorter run")
     return saved
 
 
@@ -85,33 +99,25 @@ class Trainer:
             self.tokens_seen = saved.trainer_state["tokens_seen"]
             self.skipped_total = saved.trainer_state["skipped_total"]
             loader_state = rank_state["loader"]
-        self.loader = TokenLoader(resolve_data_path(cfg, env), cfg.data.seq_len, env.layout.micro_batch,
+        data_path = resolve_data_path(cfg, env)
+        self.loader = TokenLoader(data_path, cfg.data.seq_len, env.layout.micro_batch,
                                   dp_rank=env.dp_rank, dp_size=env.layout.dp, seed=cfg.train.seed,
                                   num_workers=cfg.data.num_workers, vocab_size=cfg.model.vocab_size,
-                                  pin_memory=env.device.type == "cuda")
+                                  pin_memory=env.device.type == "cuda",
+                                  shards=training_shards(cfg, data_path))  # held-out shards never train
         if loader_state is not None:
             self.loader.load_state_dict(loader_state)
+        self.evaluator = build_evaluator(cfg, env, self.engine, data_path)  # None when train.eval_every=0
         self.faults = InjectedFaults()
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, model_counts(cfg.model))
 
     def train_step(self, batches) -> tuple[float, float, bool, float]:
         """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm, skipped, lr)."""
-        engine, dev = self.engine, self.env.device
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        poison = self.step + 1 in self.faults.nan_steps
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        for _ in range(self.env.layout.grad_accum):
-            batch = next(batches).to(dev, non_blocking=True)
-            loss = engine(batch[:, :-1], targets=batch[:, 1:]).loss
-            if poison:
-                loss = loss * float("nan")
-            engine.backward(loss)
-            engine.step()  # applies the update at the accumulation boundary only
-            loss_sum += loss.detach().double()
-        skipped = not engine.was_step_applied()
-        grad_norm = global_grad_norm(engine)
+        loss_sum = optimizer_step(self.engine, batches, self.env.layout.grad_accum, lr, self.env.device,
+                                  poison=self.step + 1 in self.faults.nan_steps)
+        skipped = not self.engine.was_step_applied()
+        grad_norm = global_grad_norm(self.engine)
         dist.all_reduce(loss_sum)
         mean_loss = loss_sum.item() / (self.env.layout.grad_accum * self.env.layout.dp)
         return mean_loss, grad_norm, skipped, lr
@@ -119,10 +125,12 @@ class Trainer:
     def save(self) -> Path:
         state = {"tokens_seen": self.tokens_seen, "skipped_total": self.skipped_total}
         return self.checkpointer.save(self.engine, self.step, state, {"loader": self.loader.state_dict()},
-                                      self.cfg, before_commit=self.faults.maybe_kill_in_save)
+                                      self.cfg, before_commit=self.faults.maybe_kill_in_save,
+                                      in_write=lambda path: self.faults.maybe_no_space(self.step, path))
 
     def fit(self) -> int:
-        from complexity_dist.train.metrics import MetricsLog, StepPrinter, Throughput, peak_flops_per_device
+        from complexity_dist.train.metrics import (MetricsLog, StepPrinter, Throughput, peak_flops_per_device,
+                                                   peak_memory_gib)
         from complexity_dist.train.tracking import Tracker
 
         cfg, env = self.cfg, self.env
@@ -150,11 +158,14 @@ class Trainer:
                 self.tokens_seen += tokens_per_step
                 self.skipped_total += int(skipped)
                 rates = throughput.update(tokens_per_step, seconds, steps_left=cfg.train.steps - self.step)
+                # every rank evaluates together (after the step's timing, so tokens/s is training alone)
+                evaluated = self.evaluator.maybe_evaluate(self.step) if self.evaluator else {}
                 if env.is_main:
                     row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": rates.tokens_per_s, "mfu": rates.mfu, "skipped": int(skipped),
                            "skipped_total": self.skipped_total, "tokens": self.tokens_seen,
-                           "step_time_s": seconds}
+                           "step_time_s": seconds, **evaluated,
+                           "peak_mem_gib": peak_memory_gib(env.device)}  # rank 0's peak so far
                     log.write(row)
                     tracker.log_metrics(self.step, row)
                     printer.update(row, rates)
@@ -177,6 +188,10 @@ class Trainer:
             if env.is_main:
                 print(f"complexity-dist: {e}", file=sys.stderr)
             exit_code = EXIT_DIVERGED
+        except NoSpaceLeft as e:  # raised on every rank by Checkpointer.save, the partial folder removed
+            if env.is_main:
+                print(f"complexity-dist: {e}", file=sys.stderr)
+            exit_code = EXIT_NO_SPACE
         finally:
             signal_flag.uninstall()
             if env.is_main:
@@ -194,12 +209,18 @@ class Trainer:
 
 def train_main(cfg: Config) -> int:
     """Validate, set up, train, tear down. Returns the process exit code."""
-    saved = preflight(cfg, world_from_env()[1])
-    Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
-    env = init_distributed(cfg)
-    try:
-        trainer = Trainer(cfg, env, saved)
-        return trainer.fit()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    rank, world, _ = world_from_env()
+    # global rank 0 holds <run_dir>/.lock for the whole run: a second run on this run_dir exits 2 here,
+    # before any process group exists (torchrun then stops its other ranks)
+    with run_dir_lock(cfg.train.run_dir, enabled=rank == 0 and cfg.train.run_lock):
+        saved = preflight(cfg, world)
+        if saved is not None and saved.step >= cfg.train.steps:  # preflight refused >; == is a finished run
+            return finished(saved, cfg)
+        Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
+        env = init_distributed(cfg)
+        try:
+            trainer = Trainer(cfg, env, saved)
+            return trainer.fit()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
