@@ -10,17 +10,20 @@ from complexity_dist.train.run_lock import RunDirError, probe_run_lock
 
 
 def _info(args: argparse.Namespace) -> int:
-    from complexity_dist.model.accounting import flops_per_token, model_counts, training_memory_gib
+    from complexity_dist.model.accounting import (flops_per_token, model_counts, rank_parameter_counts,
+                                                  training_memory_gib)
 
     if args.world_size < 1:
         raise ConfigError(f"--world-size {args.world_size} must be >= 1 (the number of processes of the run)")
-    cfg = load_config(args.config, args.overrides)
+    # the whole layout is checked here (one message for every violation); tp/pp/ep > 1 are accepted even
+    # though the training loop does not run them yet (`--preflight` says so)
+    cfg = load_config(args.config, args.overrides, world_size=args.world_size)
     counts = model_counts(cfg.model)
     seq = cfg.data.seq_len
     flops = flops_per_token(cfg.model, seq, counts)
     layout = cfg.layout(args.world_size)
-    mem = training_memory_gib(cfg, args.world_size, counts)
-    m = cfg.model
+    mem = training_memory_gib(cfg, args.world_size)
+    m, p = cfg.model, cfg.parallel
     print(f"model: H={m.hidden_size} L={m.num_hidden_layers} heads={m.num_attention_heads}/"
           f"{m.num_key_value_heads} experts={m.num_experts} I={m.intermediate_size} V={m.vocab_size}")
     print(f"parameters (total):            {counts.total:,}")
@@ -28,7 +31,34 @@ def _info(args: argparse.Namespace) -> int:
     print(f"  of which non-embedding:      {counts.active_nonembedding:,}")
     print(f"FLOPs per token (seq {seq}):   {flops / 1e9:.2f} GFLOP")
     print(f"layout on {args.world_size} process(es): tp={layout.tp} pp={layout.pp} ep={layout.ep} dp={layout.dp} "
-          f"micro_batch={layout.micro_batch} grad_accum={layout.grad_accum} zero={cfg.parallel.zero_stage}")
+          f"expert_dp={layout.expert_dp} sequence_parallel={str(p.sequence_parallel).lower()} "
+          f"micro_batch={layout.micro_batch} grad_accum={layout.grad_accum} zero={p.zero_stage}")
+    stages = rank_parameter_counts(m, layout)
+    print(f"parameters per rank (every tp and ep rank of a stage holds as many) = tensor-parallel shards + "
+          f"experts ({m.num_experts // layout.ep} of {m.num_experts}, each a tp shard) + replicated (norms, "
+          f"dynamics, router):")
+    for c in stages:
+        held = [f"layers {c.layers.start}-{c.layers.stop - 1}"]
+        if c.holds_embedding:
+            held.append("embedding")
+        if c.holds_head:
+            held.append("final norm")
+            if c.tied_copy:
+                held.append("tied embedding copy")
+            elif not m.tie_word_embeddings:
+                held.append("lm_head")
+        print(f"  stage {c.stage} ({', '.join(held)}): {c.total:,} = {c.split:,} + {c.expert:,} + "
+              f"{c.replicated:,}")
+    grid = sum(layout.tp * c.split + layout.tp * layout.ep * c.expert + c.replicated for c in stages)
+    tied = sum(c.tied_copy for c in stages) * layout.tp
+    padding = grid - tied - counts.total
+    check = f"  over the grid (tp x split + tp x ep x experts + replicated, summed over stages): {grid:,}"
+    extras = []
+    if tied:
+        extras.append(f"the tied embedding's copy on the last stage {tied:,}")
+    if padding:
+        extras.append(f"vocabulary padding to a multiple of tp {padding:,}")
+    print(check + (f" = total {counts.total:,} + " + " + ".join(extras) if extras else " = total"))
     print("training memory per GPU (estimate, GiB): " +
           ", ".join(f"{k} {v:.1f}" for k, v in mem.items()))
     if args.preflight:
@@ -45,7 +75,10 @@ def _info(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from complexity_dist.train.trainer import train_main
 
-    return train_main(load_config(args.config, args.overrides))
+    from complexity_dist.parallel.distributed import world_from_env
+
+    # the layout is checked for the launched world now, with every violation in one message
+    return train_main(load_config(args.config, args.overrides, world_size=world_from_env()[1]))
 
 
 def _smoke(args: argparse.Namespace) -> int:

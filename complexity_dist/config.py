@@ -212,15 +212,13 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    def validate(self) -> "Config":
+    def validate(self, world_size: int | None = None) -> "Config":
+        """Check every section, then the parallel layout: against the model alone, or, with `world_size`
+        (the number of processes), completely, so that one message lists every layout violation."""
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
-        m, p = self.model, self.parallel
-        _divides("parallel", "tp", p.tp, "model.num_key_value_heads", m.num_key_value_heads)
-        _divides("parallel", "tp", p.tp, "model.expert_intermediate_size (intermediate_size / num_experts)",
-                 m.expert_intermediate_size)
-        _divides("parallel", "ep", p.ep, "model.num_experts", m.num_experts)
-        _divides("parallel", "pp", p.pp, "model.num_hidden_layers", m.num_hidden_layers)
+        m = self.model
+        _raise_layout_problems(self, world_size)
         _require(self.train.eval_every == 0 or bool(self.data.val_path) or self.data.val_shards > 0,
                  f"train.eval_every={self.train.eval_every} needs held-out data: set data.val_path to a folder "
                  f"made by `complexity-dist prepare-data`, or data.val_shards=N to hold out the last N shards")
@@ -249,7 +247,16 @@ class Config:
 
 @dataclass(frozen=True)
 class Layout:
-    """How a world of processes is cut into tp x pp x dp, and how the global batch splits over dp."""
+    """How a world of processes is cut into tp x pp x dp (expert layers: tp x ep x expert-dp x pp), and how
+    the global batch splits over dp.
+
+    Rank order is megatron-core's default ("tp-cp-ep-dp-pp"; complexity_dist/parallel/groups.py builds the
+    groups with it): tensor-parallel ranks are adjacent, then data-parallel, then pipeline stages,
+    rank = tp_rank + tp * (dp_rank + dp * pp_rank). Expert layers re-cut each data-parallel group of size dp
+    into ep x expert_dp with ep adjacent: dp_rank = ep_rank + ep * expert_dp_rank.
+
+    `train.global_batch` is sequences per optimizer step over all data-parallel ranks under every layout:
+    tp and pp ranks of one replica see the same sequences, so only dp divides it."""
 
     world_size: int
     tp: int
@@ -258,27 +265,117 @@ class Layout:
     dp: int
     micro_batch: int
     grad_accum: int
+    expert_dp: int = 1
+    num_layers: int = 1
 
     @classmethod
     def build(cls, cfg: Config, world_size: int) -> "Layout":
         p, t = cfg.parallel, cfg.train
         _require(world_size >= 1, f"world size {world_size} must be >= 1 (the number of processes)")
-        model_parallel = p.tp * p.pp
-        _require(world_size % model_parallel == 0,
-                 f"world size {world_size} is not a multiple of parallel.tp * parallel.pp = {model_parallel}; "
-                 f"launch a multiple of {model_parallel} processes or change the layout")
-        dp = world_size // model_parallel
-        _require(dp % p.ep == 0 or p.ep == 1,
-                 f"parallel.ep={p.ep} must divide the data-parallel size {dp}")
-        _require(t.global_batch % dp == 0,
-                 f"train.global_batch={t.global_batch} is not divisible by the data-parallel size {dp}; "
-                 f"use a multiple of {dp}")
+        _raise_layout_problems(cfg, world_size)
+        dp = world_size // (p.tp * p.pp)
         per_rank = t.global_batch // dp
         micro = t.micro_batch or per_rank
-        _require(per_rank % micro == 0,
-                 f"train.micro_batch={micro} does not divide the per-rank batch {per_rank} "
-                 f"(train.global_batch={t.global_batch} / dp={dp}); pick a divisor of {per_rank}")
-        return cls(world_size, p.tp, p.pp, p.ep, dp, micro, per_rank // micro)
+        return cls(world_size, p.tp, p.pp, p.ep, dp, micro, per_rank // micro, dp // p.ep,
+                   cfg.model.num_hidden_layers)
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.pp
+
+    # --- pipeline stages -------------------------------------------------------------------------------
+    def stage_layers(self, stage: int) -> range:
+        """Decoder layers held by pipeline stage `stage`: contiguous and balanced, the remainder of
+        num_layers / pp going one each to the first stages (6 layers on 4 stages: 2, 2, 1, 1)."""
+        base, extra = divmod(self.num_layers, self.pp)
+        start = stage * base + min(stage, extra)
+        return range(start, start + base + (1 if stage < extra else 0))
+
+    # --- rank arithmetic (what megatron-core's groups must equal; tests/test_parallel_layout.py) ---------
+    def coords(self, rank: int) -> dict[str, int]:
+        """This rank's position on every axis: tp, dp, pp, ep, expert_dp."""
+        tp_rank, rest = rank % self.tp, rank // self.tp
+        dp_rank, pp_rank = rest % self.dp, rest // self.dp
+        return {"tp": tp_rank, "dp": dp_rank, "pp": pp_rank, "ep": dp_rank % self.ep,
+                "expert_dp": dp_rank // self.ep}
+
+    def rank_of(self, tp: int, dp: int, pp: int) -> int:
+        return tp + self.tp * (dp + self.dp * pp)
+
+    def group_ranks(self, axis: str, rank: int) -> list[int]:
+        """Global ranks of `rank`'s group along `axis` (tp, dp, pp, ep, expert_dp), in group-rank order."""
+        c = self.coords(rank)
+        if axis == "tp":
+            return [self.rank_of(t, c["dp"], c["pp"]) for t in range(self.tp)]
+        if axis == "dp":
+            return [self.rank_of(c["tp"], d, c["pp"]) for d in range(self.dp)]
+        if axis == "pp":
+            return [self.rank_of(c["tp"], c["dp"], s) for s in range(self.pp)]
+        if axis == "ep":
+            return [self.rank_of(c["tp"], e + self.ep * c["expert_dp"], c["pp"]) for e in range(self.ep)]
+        if axis == "expert_dp":
+            return [self.rank_of(c["tp"], c["ep"] + self.ep * x, c["pp"]) for x in range(self.expert_dp)]
+        raise ValueError(f"unknown parallel axis {axis!r}")
+
+
+def layout_problems(cfg: Config, world_size: int | None = None) -> list[str]:
+    """Every reason the parallel layout cannot run, each naming its numbers and the fix. Without
+    `world_size` only what the model alone decides (heads, experts, layers); with it also the world split
+    and the batch. The one place where tp/pp/ep/sequence_parallel are checked."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    out: list[str] = []
+    if min(p.tp, p.pp, p.ep) < 1:  # ParallelConfig.validate says which; nothing below can be computed
+        return out
+
+    def divides(key: str, value: int, what: str, total: int, why: str) -> None:
+        if total % value:
+            out.append(f"parallel.{key}={value} does not divide {what}={total} ({why})")
+
+    divides("tp", p.tp, "model.num_attention_heads", m.num_attention_heads, "tensor parallel splits whole heads")
+    divides("tp", p.tp, "model.num_key_value_heads", m.num_key_value_heads, "tensor parallel splits whole heads")
+    if m.expert_intermediate_size % p.tp:
+        out.append(f"parallel.tp={p.tp} does not divide the expert intermediate size {m.expert_intermediate_size} "
+                   f"(model.intermediate_size={m.intermediate_size} / num_experts={m.num_experts}; each expert's "
+                   f"gate_up/down are split by it)")
+    divides("ep", p.ep, "model.num_experts", m.num_experts, "expert e lives on expert-parallel rank e mod ep")
+    if p.pp > m.num_hidden_layers:
+        out.append(f"parallel.pp={p.pp} exceeds model.num_hidden_layers={m.num_hidden_layers} (every pipeline "
+                   f"stage needs at least one layer; stages get num_hidden_layers / pp layers, the remainder "
+                   f"one each on the first stages)")
+    if p.sequence_parallel and p.tp == 1:
+        out.append("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the tokens over the "
+                   "tensor-parallel ranks); set parallel.tp or parallel.sequence_parallel=false")
+    if world_size is None or world_size < 1:
+        return out
+    if world_size % (p.tp * p.pp):
+        out.append(f"world size {world_size} is not a multiple of parallel.tp * parallel.pp = {p.tp} * {p.pp} = "
+                   f"{p.tp * p.pp}; launch a multiple of {p.tp * p.pp} processes or change the layout")
+        return out  # the data-parallel size below is undefined
+    dp = world_size // (p.tp * p.pp)
+    if dp % p.ep:
+        out.append(f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (world size {world_size} / "
+                   f"(tp {p.tp} * pp {p.pp})); expert-parallel groups are cut from the data-parallel ranks")
+    if t.global_batch % dp:
+        out.append(f"train.global_batch={t.global_batch} is not divisible by the data-parallel size {dp}; "
+                   f"use a multiple of {dp}")
+    else:
+        per_rank = t.global_batch // dp
+        micro = t.micro_batch or per_rank
+        if per_rank % micro:
+            out.append(f"train.micro_batch={micro} does not divide the per-rank batch {per_rank} "
+                       f"(train.global_batch={t.global_batch} / dp={dp}); pick a divisor of {per_rank}")
+    return out
+
+
+def _raise_layout_problems(cfg: Config, world_size: int | None) -> None:
+    problems = layout_problems(cfg, world_size)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        where = f" on {world_size} processes" if world_size else ""
+        raise ConfigError(f"parallel layout tp={cfg.parallel.tp} pp={cfg.parallel.pp} ep={cfg.parallel.ep}{where} "
+                          f"has {len(problems)} problems: " +
+                          "; ".join(f"({i}) {msg}" for i, msg in enumerate(problems, 1)))
 
 
 # --- loading ---------------------------------------------------------------------------------------------
@@ -395,8 +492,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str, Any]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a validated Config from an optional YAML file and `section.key=value` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> Config:
+    """Build a validated Config from an optional YAML file and `section.key=value` overrides; with
+    `world_size` the parallel layout is checked for that many processes too."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -428,7 +527,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 _apply(cfg, section, key, value, str(path))
     for section, key, value in parse_overrides(overrides or []):
         _apply(cfg, section, key, value, "command-line overrides")
-    return cfg.validate()
+    return cfg.validate(world_size)
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -22,20 +22,104 @@ def route(token_ids: torch.Tensor, router_logits: torch.Tensor, num_experts: int
     return logits.argmax(dim=-1), logits
 
 
+# The grouped kernel's needs (torch._grouped_mm, aten GroupedBlas / GroupMMCommon): bf16 operands on sm90 or
+# sm100 (elsewhere torch runs a per-group loop that copies the offsets to the host), rows of every operand
+# 16-byte aligned (H and I multiples of 8 bf16 values) and fewer than 1024 groups.
+_GROUPED_ALIGN = 8
+
+
+@torch.compiler.assume_constant_result
+def _has_grouped_kernel(device_index: int) -> bool:
+    """Whether torch's CUTLASS grouped GEMM serves this GPU (sm90/sm100). Read once per compile, not per step."""
+    return torch.cuda.get_device_capability(device_index)[0] in (9, 10)
+
+
+def _row_aligned(w: torch.Tensor) -> bool:
+    rows_ok = w.stride(-1) == 1 and w.stride(-2) % _GROUPED_ALIGN == 0
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace storage_offset(); inductor copies misaligned graph inputs itself
+        return rows_ok
+    return rows_ok and w.storage_offset() % _GROUPED_ALIGN == 0
+
+
+def _use_grouped_kernel(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Chosen from device, dtypes and static shapes only, so the choice needs no host sync and guards nothing
+    that changes from step to step."""
+    E, H, two_i = gate_up.shape
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] > 0
+            and x.dtype == gate_up.dtype == down.dtype == torch.bfloat16
+            and H % _GROUPED_ALIGN == 0 and (two_i // 2) % _GROUPED_ALIGN == 0 and E < 1024
+            and _has_grouped_kernel(x.device.index or 0))
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows[perm] whose backward is the gather grad[inverse]: a permutation's adjoint is its inverse, so
+    neither direction needs an index_copy/index_add (scatter) kernel."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def _grouped_kernel_experts(x: torch.Tensor, expert: torch.Tensor, gate_up: torch.Tensor,
+                            down: torch.Tensor) -> torch.Tensor:
+    """One sort, then one grouped GEMM per projection; group ends stay on the device (int32 offsets)."""
+    E, T = gate_up.shape[0], x.shape[0]
+    # a view with a misaligned start (e.g. inside a flat ZeRO buffer) would break the kernel's TMA loads
+    gate_up = gate_up if _row_aligned(gate_up) else gate_up.clone(memory_format=torch.contiguous_format)
+    down = down if _row_aligned(down) else down.clone(memory_format=torch.contiguous_format)
+    sorted_expert, order = torch.sort(expert, stable=True)
+    # end of each expert's group = number of tokens routed to an expert <= e (empty groups repeat an offset)
+    offs = torch.searchsorted(sorted_expert, torch.arange(E, device=x.device, dtype=sorted_expert.dtype),
+                              right=True, out_int32=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T, device=x.device))
+    x_sorted = _PermuteRows.apply(x, order, inverse)
+    gate, up = torch._grouped_mm(x_sorted, gate_up, offs=offs).chunk(2, dim=-1)
+    out_sorted = torch._grouped_mm(F.silu(gate) * up, down, offs=offs)
+    return _PermuteRows.apply(out_sorted, inverse, order)
+
+
+def _padded_block_experts(x: torch.Tensor, expert: torch.Tensor, gate_up: torch.Tensor,
+                          down: torch.Tensor) -> torch.Tensor:
+    """Pure torch, any device and dtype, no host sync: each expert's tokens fill whole blocks of B = ceil(T/E)
+    rows (the last one zero-padded), at most ceil(T/B) + E blocks in all (a bound known from shapes), and
+    one bmm per projection multiplies every block by its expert's weights. Costs at most ~2x the exact
+    FLOPs; padding rows are zero, so they add nothing to any output or gradient."""
+    T, H = x.shape
+    E = gate_up.shape[0]
+    B = max(1, -(-T // E))
+    n_blocks = -(-T // B) + E
+    one_hot = (expert.unsqueeze(1) == torch.arange(E, device=x.device)).long()       # [T, E]
+    counts = one_hot.sum(0)
+    rank = (one_hot.cumsum(0) - 1).gather(1, expert.unsqueeze(1)).squeeze(1)         # place within its expert
+    expert_blocks = (counts + B - 1) // B
+    block_end = expert_blocks.cumsum(0)
+    row = ((block_end - expert_blocks) * B)[expert] + rank                           # padded row of each token
+    source = torch.full((n_blocks * B,), T, dtype=row.dtype, device=x.device)
+    source = source.scatter(0, row, torch.arange(T, dtype=row.dtype, device=x.device))  # T: the zero row
+    blocks = torch.cat([x, x.new_zeros(1, H)]).index_select(0, source).view(n_blocks, B, H)
+    block_expert = torch.searchsorted(block_end, torch.arange(n_blocks, device=x.device, dtype=block_end.dtype),
+                                      right=True).clamp_(max=E - 1)                  # spare blocks: any expert
+    gate, up = torch.bmm(blocks, gate_up.index_select(0, block_expert)).chunk(2, dim=-1)
+    out = torch.bmm(F.silu(gate) * up, down.index_select(0, block_expert))
+    return out.view(n_blocks * B, H).index_select(0, row)
+
+
 def grouped_expert_forward(x: torch.Tensor, expert: torch.Tensor, gate_up: torch.Tensor,
                            down: torch.Tensor) -> torch.Tensor:
     """x: [T, H], expert: [T] -> [T, H]. gate_up: [E, H, 2I] (gate half first), down: [E, I, H].
-    Tokens are sorted by expert once; each expert multiplies its contiguous slice."""
-    order = torch.argsort(expert, stable=True)
-    counts = torch.bincount(expert, minlength=gate_up.shape[0]).tolist()
-    out_sorted = []
-    for e, chunk in enumerate(torch.split(x.index_select(0, order), counts)):
-        if chunk.shape[0] == 0:
-            continue
-        gate, up = (chunk @ gate_up[e]).chunk(2, dim=-1)
-        out_sorted.append((F.silu(gate) * up) @ down[e])
-    out_sorted = torch.cat(out_sorted) if out_sorted else x.new_zeros(0, down.shape[-1])
-    return torch.zeros_like(x).index_copy(0, order, out_sorted)
+    No host sync and no data-dependent Python control flow on either path, so torch.compile traces it once
+    (fullgraph) whatever the routing. bf16 on sm90/sm100 with aligned H and I: torch's grouped GEMM;
+    otherwise (CPU, fp32, other GPUs, odd sizes) padded per-expert blocks through bmm."""
+    if _use_grouped_kernel(x, gate_up, down):
+        return _grouped_kernel_experts(x, expert, gate_up, down)
+    return _padded_block_experts(x, expert, gate_up, down)
 
 
 class TokenRoutedMLP(nn.Module):
@@ -48,12 +132,21 @@ class TokenRoutedMLP(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I))
         self.down_proj = nn.Parameter(torch.empty(E, I, H))
         self.mu_router = make_linear(H, E)
+        # share of tokens the mu override sent away from token_id % E in the last forward (a metric,
+        # read by complexity_dist.parallel.expert_parallel.routed_override_fraction); a tensor, no host sync
+        self.routed_override_frac: torch.Tensor | None = None
+
+    def compute_experts(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] tokens, expert: [T] their routed expert -> [T, H]. The seam where a parallel layout
+        plugs in (complexity_dist.parallel wraps or replaces it on the instance: tensor parallel reduces the
+        partial sums of sharded experts, expert parallel sends tokens to the rank that holds their expert)."""
+        return grouped_expert_forward(x, expert, self.gate_up_proj, self.down_proj)
 
     def forward(self, m: torch.Tensor, token_ids: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         shape = m.shape
         expert, logits = route(token_ids, self.mu_router(mu), self.num_experts, self.margin)
-        out = grouped_expert_forward(m.reshape(-1, shape[-1]), expert.reshape(-1), self.gate_up_proj,
-                                     self.down_proj).view(shape)
+        self.routed_override_frac = (expert != torch.remainder(token_ids, self.num_experts)).float().mean().detach()
+        out = self.compute_experts(m.reshape(-1, shape[-1]), expert.reshape(-1)).view(shape)
         if self.straight_through:
             # forward unchanged (factor is exactly 1); backward carries d p_e / d logits to mu_router
             p = torch.softmax(logits.float(), dim=-1).gather(-1, expert.unsqueeze(-1))

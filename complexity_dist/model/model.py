@@ -127,9 +127,14 @@ class ComplexityForCausalLM(nn.Module):
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=-100)
+            loss = self.loss_fn(logits, targets)
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over targets != -100. The seam of a vocabulary-parallel layout: it sets an
+        instance attribute of the same name (logits are then this rank's vocabulary slice)."""
+        logits = logits.to(compute_dtype(logits.dtype))  # fp32 under bf16; fp64 stays fp64 in tests
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
     def compile_layers(self) -> None:
         """torch.compile each decoder layer in place (per-block, as torchtitan does): most of a layer's

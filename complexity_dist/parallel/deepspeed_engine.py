@@ -64,8 +64,12 @@ def deepspeed_config(cfg: Config, layout: Layout, bf16: bool) -> dict:
     }
 
 
-def build_engine(model: nn.Module, cfg: Config, layout: Layout, bf16: bool):
-    """Returns the DeepSpeed engine. The learning rate is set by the trainer before every step."""
+def build_engine(model: nn.Module, cfg: Config, layout: Layout, bf16: bool, mpu=None):
+    """Returns the DeepSpeed engine. The learning rate is set by the trainer before every step.
+
+    `mpu` (complexity_dist/parallel/groups.py `deepspeed_mpu`): with model parallelism, the groups that
+    make ZeRO partition over the data-parallel group only and clipping count TP-replicated parameters
+    once; None for pure data parallelism."""
     import deepspeed  # imported late: it picks its accelerator (CPU or CUDA) at import time
 
     o = cfg.optim
@@ -77,7 +81,7 @@ def build_engine(model: nn.Module, cfg: Config, layout: Layout, bf16: bool):
         # ZeRO wraps a stock torch AdamW (it refuses unknown optimizer classes) and does clip + skip itself
         fused = next(model.parameters()).is_cuda
         optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                            config=deepspeed_config(cfg, layout, bf16), dist_init_required=False)
     return engine
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from complexity_dist.config import Config, ConfigError, Layout
+from complexity_dist.parallel.groups import ParallelGroups, build_groups
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,8 @@ class DistEnv:
     local_rank: int
     device: torch.device
     layout: Layout
+    # made by init_distributed from megatron-core's parallel_state; None only for a DistEnv built by hand
+    groups: ParallelGroups | None = None
 
     @property
     def is_main(self) -> bool:
@@ -25,8 +28,14 @@ class DistEnv:
 
     @property
     def dp_rank(self) -> int:
-        # with tp = pp = 1 (what this loop supports today) every rank is its own data-parallel rank
-        return self.rank // (self.layout.tp * self.layout.pp)
+        # megatron-core's rank order decides which replica a rank belongs to; without groups (a world of
+        # one built by hand) every rank is its own replica
+        return self.groups.dp_rank if self.groups is not None else self.rank
+
+    @property
+    def dp_group(self):
+        """The data-parallel group (the whole world when tp = pp = 1); None = the default group."""
+        return self.groups.dp_group if self.groups is not None else None
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -36,15 +45,17 @@ def world_from_env() -> tuple[int, int, int]:
 
 
 def check_supported(cfg: Config) -> None:
-    """Refuse layouts this training loop cannot run yet, before any process group exists."""
+    """Refuse layouts this training loop cannot run yet, before any process group exists. The layout
+    itself (sizes, divisibility) is Layout.build's job; this is only what the loop does not do yet."""
     p = cfg.parallel
     for name in ("tp", "pp", "ep"):
         if getattr(p, name) != 1:
-            raise ConfigError(f"parallel.{name}={getattr(p, name)}: tensor/pipeline/expert parallelism is not "
-                              f"available in this version of the training loop; set parallel.{name}=1 and "
-                              f"scale with data parallelism (parallel.zero_stage=1/2/3)")
+            raise ConfigError(f"parallel.{name}={getattr(p, name)}: tensor/pipeline/expert parallelism is valid "
+                              f"for this model but not yet wired into the training loop; set parallel.{name}=1 "
+                              f"and scale with data parallelism (parallel.zero_stage=1/2/3)")
     if p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1, which this version does not run")
+        raise ConfigError("parallel.sequence_parallel=true: sequence parallelism is not yet wired into the "
+                          "training loop; set parallel.sequence_parallel=false")
 
 
 def init_distributed(cfg: Config) -> DistEnv:
@@ -60,6 +71,7 @@ def init_distributed(cfg: Config) -> DistEnv:
         backend = "gloo"
         # DeepSpeed picks its accelerator at import time; on a CPU machine make it the CPU one
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    timeout_min = int(os.environ.get("COMPLEXITY_DIST_TIMEOUT_MIN", 30))
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000) if world == 1 else "29500")
@@ -67,7 +79,9 @@ def init_distributed(cfg: Config) -> DistEnv:
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
         dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=int(os.environ.get("COMPLEXITY_DIST_TIMEOUT_MIN", 30))),
+                                timeout=datetime.timedelta(minutes=timeout_min),
                                 device_id=device if backend == "nccl" else None)
-    return DistEnv(rank, world, local_rank, device, layout)
+    # always, also for pure data parallel (a few small groups): dp_rank and the loss reduction come from it
+    groups = build_groups(layout, timeout_min)
+    return DistEnv(rank, world, local_rank, device, layout, groups)
 

@@ -15,6 +15,7 @@ from complexity_dist.config import Config
 from complexity_dist.model import ComplexityForCausalLM
 from complexity_dist.model.accounting import flops_per_token, model_counts
 from complexity_dist.parallel.distributed import DistEnv, check_supported, init_distributed, world_from_env
+from complexity_dist.parallel.groups import deepspeed_mpu, destroy_groups
 from complexity_dist.train.checkpoint import (CheckpointMismatch, Checkpointer, SavedRun, finished,
                                               print_notes)
 from complexity_dist.train.faults import (EXIT_DIVERGED, EXIT_NO_SPACE, EXIT_REQUEUE, InjectedFaults,
@@ -89,7 +90,7 @@ class Trainer:
         model.model.gradient_checkpointing = cfg.train.activation_checkpointing
         if cfg.train.compile:
             model.compile_layers()
-        self.engine = build_engine(model.to(env.device), cfg, env.layout, self.bf16)
+        self.engine = build_engine(model.to(env.device), cfg, env.layout, self.bf16, mpu=deepspeed_mpu(env.groups))
         self.checkpointer = Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep_last)
         self.step, self.tokens_seen, self.skipped_total = 0, 0, 0
         loader_state = None
@@ -118,7 +119,7 @@ class Trainer:
                                   poison=self.step + 1 in self.faults.nan_steps)
         skipped = not self.engine.was_step_applied()
         grad_norm = global_grad_norm(self.engine)
-        dist.all_reduce(loss_sum)
+        dist.all_reduce(loss_sum, group=self.env.dp_group)  # tp/pp ranks of a replica hold the same loss
         mean_loss = loss_sum.item() / (self.env.layout.grad_accum * self.env.layout.dp)
         return mean_loss, grad_norm, skipped, lr
 
@@ -223,4 +224,5 @@ def train_main(cfg: Config) -> int:
             return trainer.fit()
         finally:
             if dist.is_initialized():
+                destroy_groups()
                 dist.destroy_process_group()

@@ -1,0 +1,163 @@
+"""Autograd-aware collectives: the few communication operators every parallel layout is built from.
+
+Each is a torch.autograd.Function whose backward is the collective's adjoint, so a layout is "the model's
+math plus these calls at the right places":
+
+    copy_to(x, group)            forward identity,          backward all-reduce (sum)
+    reduce_from(x, group)        forward all-reduce (sum),  backward identity
+    gather_from(x, group, dim)   forward all-gather on dim, backward keep this rank's slice
+    scatter_to(x, group, dim)    forward keep this rank's slice, backward all-gather on dim
+    reduce_scatter_to(x, group, dim)  forward reduce-scatter on dim, backward all-gather on dim
+    gather_to_full(x, group, dim)     forward all-gather on dim, backward reduce-scatter on dim
+    all_to_all(x, group, send_splits, recv_splits)  rows of x travel; backward sends them back
+
+With a group of one process every operator is the identity (no communication). `group=None` means the
+same (a single process), not torch.distributed's default world group: pass the group explicitly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    parts = [torch.empty_like(x.contiguous()) for _ in range(_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _slice(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = _size(group)
+    if x.shape[dim] % n:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {n} ranks")
+    return x.chunk(n, dim=dim)[_rank(group)].contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    # all-reduce then slice: gloo has no reduce_scatter; on NCCL the two cost the same bytes up to a factor 2
+    return _slice(_all_reduce(x, group), group, dim)
+
+
+class _CopyTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFrom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFrom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _slice(grad, ctx.group, ctx.dim), None, None
+
+
+class _ScatterTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _slice(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatterTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherToFull(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, send_splits, recv_splits):
+        ctx.group, ctx.send_splits, ctx.recv_splits = group, send_splits, recv_splits
+        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                               group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = grad.new_empty((sum(ctx.send_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), output_split_sizes=ctx.send_splits,
+                               input_split_sizes=ctx.recv_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def copy_to(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _CopyTo.apply(x, group)
+
+
+def reduce_from(x: torch.Tensor, group) -> torch.Tensor:
+    return x if _size(group) == 1 else _ReduceFrom.apply(x, group)
+
+
+def gather_from(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    return x if _size(group) == 1 else _GatherFrom.apply(x, group, dim)
+
+
+def scatter_to(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    return x if _size(group) == 1 else _ScatterTo.apply(x, group, dim)
+
+
+def reduce_scatter_to(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    return x if _size(group) == 1 else _ReduceScatterTo.apply(x, group, dim)
+
+
+def gather_to_full(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    return x if _size(group) == 1 else _GatherToFull.apply(x, group, dim)
+
+
+def all_to_all(x: torch.Tensor, group, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+    """Rows x[sum(send_splits[:j]) : ...] go to rank j of `group`; returns the rows received, rank by rank."""
+    return x if _size(group) == 1 else _AllToAll.apply(x, group, list(send_splits), list(recv_splits))

@@ -1,0 +1,148 @@
+"""Tensor (and sequence) parallelism on 2 gloo processes equals one process: loss, logits and every gradient.
+
+One spawn runs every layout check (a spawn costs seconds of imports); each rank compares its sharded model with
+a single-process copy of the same model that it builds itself from the same seed.
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port, tiny_overrides
+
+from complexity_dist.config import ConfigError, load_config
+from complexity_dist.model import ComplexityForCausalLM
+from complexity_dist.parallel.tensor_parallel import apply_tensor_parallel, check_tensor_parallel, full_grads, \
+    full_state_dict
+
+VOCAB, SEQ = 96, 16  # vocab divisible by tp=2
+
+
+def config(**extra):
+    return load_config(None, tiny_overrides(**{"model.vocab_size": VOCAB, "data.seq_len": SEQ, **extra})).model
+
+
+def randomized(model, seed=0, router_scale=1.0):
+    """Every parameter random (norms and mu included), so no term hides at its initial value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.3 if p.dim() > 1 else 0.5
+            if "mu_router" in name:
+                scale *= router_scale
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+    ids[0, :8] = torch.arange(8)  # every expert's base route (id % 4), on both halves of the vocabulary
+    ids[1, :4] = torch.arange(VOCAB - 4, VOCAB)
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = -100
+    targets[1, 3] = -100
+    return ids, targets
+
+
+def run_case(tp_group, mu_router, sequence_parallel, router_scale=1.0, checkpointing=False, dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = config(**{"model.mu_router": mu_router})
+    ref = randomized(ComplexityForCausalLM(cfg).to(dtype), router_scale=router_scale)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    tp = apply_tensor_parallel(copy.deepcopy(ref), tp_group, sequence_parallel=sequence_parallel)
+    ref.model.gradient_checkpointing = tp.model.gradient_checkpointing = checkpointing
+    ids, targets = batch()
+    moved = []  # tokens the mu override sends away from their base expert id % E, per layer
+
+    def recording(compute):
+        def wrapped(x, expert):
+            moved.append(int((expert != ids.reshape(-1) % cfg.num_experts).sum()))
+            return compute(x, expert)
+        return wrapped
+    for layer in ref.model.layers:
+        layer.mlp.compute_experts = recording(layer.mlp.compute_experts)
+    out_ref, out_tp = ref(ids, targets=targets), tp(ids, targets=targets)
+    out_ref.loss.backward()
+    out_tp.loss.backward()
+    what = f"{mu_router=} {sequence_parallel=} {router_scale=} {checkpointing=} {dtype=}"
+
+    torch.testing.assert_close(out_tp.loss, out_ref.loss, **tol, msg=lambda m: f"{what} loss: {m}")
+    assert out_tp.logits.shape[-1] == VOCAB // 2  # this rank's vocabulary slice only
+    logits = torch.cat([torch.empty_like(out_tp.logits)] * 2, dim=-1)
+    dist.all_gather(list(logits.chunk(2, dim=-1)), out_tp.logits.detach().contiguous(), group=tp_group)
+    torch.testing.assert_close(logits, out_ref.logits.detach(), **tol)
+
+    # the gathered weights are today's checkpoint: same keys, shapes and values
+    full = full_state_dict(tp)
+    expected = ref.state_dict()
+    assert list(full) == list(expected)
+    for k in expected:
+        torch.testing.assert_close(full[k], expected[k], rtol=0, atol=0, msg=lambda m: f"{what} {k}: {m}")
+
+    grads, ref_grads = full_grads(tp), {n: p.grad for n, p in ref.named_parameters()}
+    assert list(grads) == list(ref_grads)
+    for name, g_ref in ref_grads.items():
+        if g_ref is None:  # hard routing: mu_router gets no gradient, in one process too
+            assert grads[name] is None, name
+            continue
+        assert grads[name] is not None, f"{what}: {name} has no gradient"
+        torch.testing.assert_close(grads[name], g_ref, **tol,
+                                   msg=lambda m: f"{what} grad {name}: {m}")
+    if mu_router == "straight_through":
+        missing = [n for n, p in tp.named_parameters() if p.grad is None]
+        assert not missing, f"{what}: no gradient for {missing}"
+    return sum(moved)
+
+
+def worker(rank, port, failures):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        group = dist.new_group([0, 1])
+        # fp32 as training runs (within 1e-5); the random weights already move tokens with the mu override
+        assert run_case(group, "hard", False) > 0
+        run_case(group, "straight_through", False)
+        run_case(group, "hard", True)
+        run_case(group, "straight_through", True, checkpointing=True)
+        # fp64 at 1e-10, so no small error can hide in fp32 rounding; large router weights move more tokens
+        for sp in (False, True):
+            assert run_case(group, "straight_through", sp, router_scale=30.0, dtype=torch.float64) > 40
+
+        # a tp that does not divide the heads is refused before anything is sharded
+        bad = ComplexityForCausalLM(config(**{"model.hidden_size": 48, "model.num_attention_heads": 6,
+                                              "model.num_key_value_heads": 3}))
+        with pytest.raises(ConfigError, match=r"parallel.tp=2 does not divide model.num_key_value_heads=3"):
+            apply_tensor_parallel(bad, group)
+        assert bad.model.layers[0].self_attn.k_proj.weight.shape[0] == 24  # untouched
+    except BaseException as e:
+        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_and_sequence_parallel_equal_one_process():
+    ctx = mp.get_context("spawn")
+    failures = ctx.SimpleQueue()
+    try:
+        mp.spawn(worker, args=(free_port(), failures), nprocs=2, join=True)
+    except Exception:
+        msgs = []
+        while not failures.empty():
+            msgs.append(failures.get())
+        pytest.fail("\n".join(msgs) or "a worker failed")
+
+
+def test_check_names_each_number():
+    cfg = config()
+    check_tensor_parallel(cfg, 2)
+    with pytest.raises(ConfigError) as e:
+        check_tensor_parallel(cfg, 3, sequence_parallel=True, seq_len=SEQ)
+    msg = str(e.value)
+    assert "parallel.tp=3 does not divide model.num_attention_heads=4" in msg
+    assert "model.num_key_value_heads=2" in msg
+    assert "data.seq_len=16" in msg
