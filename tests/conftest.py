@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
+# The SLURM clusters are session fixtures shared by every test module: registered here, once. (A fixture
+# imported into two test modules is two fixtures, and a second cluster on the same ports cannot start.)
+from slurm_cluster import slurm_cluster, slurm_multinode_cluster  # noqa: E402,F401
+
 
 def tiny_overrides(**extra) -> list[str]:
     """A model small enough for per-token reference loops, with the tiny preset's shape ratios."""

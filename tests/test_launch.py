@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import slurm_cluster, slurm_multinode_cluster  # noqa: F401  (session fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

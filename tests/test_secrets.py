@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from slurm_cluster import listening_addresses, slurm_cluster  # noqa: F401  (session fixture)
+from slurm_cluster import listening_addresses
 from test_train import dataset, metrics, run, train_cmd  # noqa: F401  (module fixture)
 
 from complexity_dist.redact import redact, redact_tree, redact_uri
