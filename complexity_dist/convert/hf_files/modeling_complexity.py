@@ -123,6 +123,30 @@ class ComplexityDynamics(nn.Module):
         return a + self.dt * gate * v_next, v_next, mu
 
 
+def _padded_block_experts(x, expert, gate_up, down):
+    """x [T, H], expert [T] -> [T, H]: each expert's tokens fill blocks of ceil(T/E) rows (zero-padded), and one
+    bmm per projection multiplies every block by its expert's weights (the training code's CPU path, so the
+    numbers are the same bit for bit)."""
+    T, H = x.shape
+    E = gate_up.shape[0]
+    B = max(1, -(-T // E))
+    n_blocks = -(-T // B) + E
+    one_hot = (expert.unsqueeze(1) == torch.arange(E, device=x.device)).long()
+    counts = one_hot.sum(0)
+    rank = (one_hot.cumsum(0) - 1).gather(1, expert.unsqueeze(1)).squeeze(1)
+    expert_blocks = (counts + B - 1) // B
+    block_end = expert_blocks.cumsum(0)
+    row = ((block_end - expert_blocks) * B)[expert] + rank
+    source = torch.full((n_blocks * B,), T, dtype=row.dtype, device=x.device)
+    source = source.scatter(0, row, torch.arange(T, dtype=row.dtype, device=x.device))
+    blocks = torch.cat([x, x.new_zeros(1, H)]).index_select(0, source).view(n_blocks, B, H)
+    block_expert = torch.searchsorted(block_end, torch.arange(n_blocks, device=x.device, dtype=block_end.dtype),
+                                      right=True).clamp_(max=E - 1)
+    gate, up = torch.bmm(blocks, gate_up.index_select(0, block_expert)).chunk(2, dim=-1)
+    out = torch.bmm(F.silu(gate) * up, down.index_select(0, block_expert))
+    return out.view(n_blocks * B, H).index_select(0, row)
+
+
 class ComplexityTokenRoutedMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -140,13 +164,7 @@ class ComplexityTokenRoutedMLP(nn.Module):
         base = torch.remainder(token_ids, self.num_experts)
         logits = self.margin * F.one_hot(base, self.num_experts).to(m.dtype) + self.mu_router(mu)
         expert = logits.argmax(dim=-1).reshape(-1)
-        x = m.reshape(-1, shape[-1])
-        out = torch.zeros_like(x)
-        for e in range(self.num_experts):
-            rows = (expert == e).nonzero(as_tuple=True)[0]
-            if rows.numel():
-                gate, up = (x[rows] @ self.gate_up_proj[e]).chunk(2, dim=-1)
-                out[rows] = (F.silu(gate) * up) @ self.down_proj[e]
+        out = _padded_block_experts(m.reshape(-1, shape[-1]), expert, self.gate_up_proj, self.down_proj)
         return out.view(shape)
 
 
@@ -239,19 +257,23 @@ class ComplexityForCausalLM(ComplexityPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, labels=None,
-                return_dict=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, cache=None, past_key_values=None, use_cache=None,
+                labels=None, return_dict=None, **kwargs):
+        # transformers >= 5 passes the cache as `cache`, earlier versions as `past_key_values`
+        cache = cache if cache is not None else past_key_values
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padded batches are not supported (the model has no padding mask); "
                              "pass unpadded sequences of equal length")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        hidden = self.model(input_ids, past_key_values if use_cache or past_key_values is not None else None)
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        hidden = self.model(input_ids, cache)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
             lf = logits.to(_compute_dtype(logits.dtype))
             loss = F.cross_entropy(lf.view(-1, lf.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
+
+
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
