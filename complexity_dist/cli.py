@@ -1,4 +1,4 @@
-"""`complexity-dist` command line: train | prepare-data | info | smoke."""
+"""`complexity-dist` command line: train | prepare-data | convert | bench | info | smoke."""
 from __future__ import annotations
 
 import argparse
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from complexity_dist.data.prepare import add_prepare_data_parser
     add_prepare_data_parser(sub)
+
+    from complexity_dist.convert.cli import add_convert_parser
+    add_convert_parser(sub)
 
     from complexity_dist.train.bench import add_bench_parser
     add_bench_parser(sub)

@@ -145,13 +145,14 @@ def _refused(path: Path, what: str) -> CheckpointMismatch:
         f"checkpoint you trust (remove this step_* folder), or start over with a new train.run_dir")
 
 
-def safe_load(path: str | Path, map_location=None) -> Any:
+def safe_load(path: str | Path, map_location=None, mmap: bool = False) -> Any:
     """torch.load that builds tensors, plain containers and the allow-listed types only; anything else
-    raises CheckpointMismatch naming the file and the refused global."""
+    raises CheckpointMismatch naming the file and the refused global. `mmap=True` maps the tensors' storage
+    instead of reading it (what `convert` uses to stream a large file)."""
     path = Path(path)
     try:
         with torch.serialization.safe_globals(_resolve(_allowed_for(path))):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL (\S+) was not an allowed global", str(e)) or \
             re.search(r"but got (<class '[^']+'>|\S+)", str(e))

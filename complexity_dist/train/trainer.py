@@ -99,7 +99,7 @@ class Trainer:
             self.step = saved.trainer_state["step"]
             self.tokens_seen = saved.trainer_state["tokens_seen"]
             self.skipped_total = saved.trainer_state["skipped_total"]
-            loader_state = rank_state["loader"]
+            loader_state = rank_state.get("loader")
         data_path = resolve_data_path(cfg, env)
         self.loader = TokenLoader(data_path, cfg.data.seq_len, env.layout.micro_batch,
                                   dp_rank=env.dp_rank, dp_size=env.layout.dp, seed=cfg.train.seed,
@@ -108,6 +108,8 @@ class Trainer:
                                   shards=training_shards(cfg, data_path))  # held-out shards never train
         if loader_state is not None:
             self.loader.load_state_dict(loader_state)
+        elif saved is not None:  # a checkpoint made by `convert from-hf`: the data starts at step * global_batch
+            self.loader.load_state_dict({**self.loader.state_dict(), "next_sample": self.step * cfg.train.global_batch})
         self.evaluator = build_evaluator(cfg, env, self.engine, data_path)  # None when train.eval_every=0
         self.faults = InjectedFaults()
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, model_counts(cfg.model))
