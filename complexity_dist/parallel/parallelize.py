@@ -49,6 +49,10 @@ def check_parallelize(cfg: Config) -> None:
         problems.append(f"parallel.tp={p.tp} with train.compile=true: the tensor-parallel collectives run in "
                         f"module hooks that torch.compile of a layer does not capture (not verified to be "
                         f"correct); set train.compile=false")
+    if p.sequence_parallel and p.tp > 1 and p.ep > 1:
+        problems.append("parallel.sequence_parallel=true with parallel.ep > 1: expert parallel routes by the full "
+                        "sequence's token ids, sequence parallel hands each rank a slice; the combination is not "
+                        "done yet; set parallel.sequence_parallel=false (tp x ep works without it)")
     if p.sequence_parallel and p.tp > 1 and cfg.data.seq_len % p.tp:
         problems.append(f"parallel.sequence_parallel needs parallel.tp={p.tp} to divide data.seq_len="
                         f"{cfg.data.seq_len}")
@@ -81,16 +85,20 @@ def parallelize(model: nn.Module, cfg: Config, groups) -> Parallelized:
     out = Parallelized(mpu=deepspeed_mpu(groups))
     if groups is None:
         return out
+    # EP before TP: EP swaps in new expert parameters (this rank's rows) and replaces compute_experts; TP then
+    # shards those rows and wraps the EP compute in its copy/reduce (each TP rank runs the all-to-all among
+    # the ranks of its own tp rank: megatron-core's EP groups). The other order would drop the TP wrapper.
+    if p.ep > 1:
+        apply_expert_parallel(model, groups.ep_group)
+        out.ep_group = groups.ep_group
     if p.tp > 1:
         apply_tensor_parallel(model, groups.tp_group, sequence_parallel=p.sequence_parallel)
         for param in model.parameters():
             if hasattr(param, "tp_shard"):
                 param.tensor_model_parallel = True  # deepspeed.utils.is_model_parallel_parameter
         out.tp_group = groups.tp_group
-    if p.ep > 1:
-        apply_expert_parallel(model, groups.ep_group)
+    if p.ep > 1:  # marks the final (possibly TP-sharded) expert parameters
         out.expert_group_name = enable_deepspeed_expert_reduction(model, groups.ep_group, groups.expert_dp_group)
-        out.ep_group = groups.ep_group
     return out
 
 
