@@ -48,7 +48,7 @@ def check_supported(cfg: Config) -> None:
     """Refuse layouts this training loop cannot run, before any process group exists. The layout
     itself (sizes, divisibility) is Layout.build's job; this is what the loop does not do
     (complexity_dist/parallel/parallelize.py check_parallelize: pipeline parallel, tp/ep with ZeRO 0 or 3,
-    tp with train.compile)."""
+    sequence parallel with ep)."""
     from complexity_dist.parallel.parallelize import check_parallelize
 
     check_parallelize(cfg)
