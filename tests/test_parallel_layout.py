@@ -81,9 +81,10 @@ def test_train_refuses_bad_layouts_before_any_process_group(tmp_path, monkeypatc
              (3, ["parallel.ep=3"], "parallel.ep=3 does not divide model.num_experts=4"),
              (30, ["parallel.pp=30"], "parallel.pp=30 exceeds model.num_hidden_layers=6"),
              (3, ["parallel.tp=2"], "world size 3 is not a multiple of parallel.tp * parallel.pp = 2 * 1 = 2"),
-             # a valid layout the loop does not run yet
-             (2, ["parallel.tp=2"], "parallel.tp=2: tensor/pipeline/expert parallelism is valid for this model "
-                                    "but not yet wired into the training loop")]
+             # valid layouts the loop does not run (yet)
+             (2, ["parallel.pp=2"], "parallel.pp=2: pipeline parallelism is not wired into the training loop"),
+             (2, ["parallel.tp=2"], "parallel.tp > 1 with parallel.zero_stage=0"),
+             (2, ["parallel.ep=2", "parallel.zero_stage=3"], "DeepSpeed's ZeRO 3 refuses expert (MoE) parameters")]
     for world, overrides, needle in cases:
         monkeypatch.setenv("WORLD_SIZE", str(world))
         monkeypatch.setenv("RANK", "0")

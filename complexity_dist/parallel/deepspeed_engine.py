@@ -64,16 +64,22 @@ def deepspeed_config(cfg: Config, layout: Layout, bf16: bool) -> dict:
     }
 
 
-def build_engine(model: nn.Module, cfg: Config, layout: Layout, bf16: bool, mpu=None):
+def build_engine(model: nn.Module, cfg: Config, layout: Layout, bf16: bool, mpu=None,
+                 expert_group_name: str | None = None):
     """Returns the DeepSpeed engine. The learning rate is set by the trainer before every step.
 
     `mpu` (complexity_dist/parallel/groups.py `deepspeed_mpu`): with model parallelism, the groups that
     make ZeRO partition over the data-parallel group only and clipping count TP-replicated parameters
-    once; None for pure data parallelism."""
+    once; None for pure data parallelism. `expert_group_name` (complexity_dist/parallel/parallelize.py):
+    with expert parallelism, the expert parameters go into their own optimizer groups, which ZeRO partitions
+    over the expert-data-parallel group."""
     import deepspeed  # imported late: it picks its accelerator (CPU or CUDA) at import time
 
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
+    if expert_group_name is not None:
+        from complexity_dist.parallel.expert_parallel import split_expert_param_groups
+        groups = split_expert_param_groups(groups, expert_group_name)
     kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     if cfg.parallel.zero_stage == 0:
         optimizer = ClippedSkippingAdamW(groups, max_norm=o.grad_clip, **kwargs)

@@ -45,17 +45,13 @@ def world_from_env() -> tuple[int, int, int]:
 
 
 def check_supported(cfg: Config) -> None:
-    """Refuse layouts this training loop cannot run yet, before any process group exists. The layout
-    itself (sizes, divisibility) is Layout.build's job; this is only what the loop does not do yet."""
-    p = cfg.parallel
-    for name in ("tp", "pp", "ep"):
-        if getattr(p, name) != 1:
-            raise ConfigError(f"parallel.{name}={getattr(p, name)}: tensor/pipeline/expert parallelism is valid "
-                              f"for this model but not yet wired into the training loop; set parallel.{name}=1 "
-                              f"and scale with data parallelism (parallel.zero_stage=1/2/3)")
-    if p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel=true: sequence parallelism is not yet wired into the "
-                          "training loop; set parallel.sequence_parallel=false")
+    """Refuse layouts this training loop cannot run, before any process group exists. The layout
+    itself (sizes, divisibility) is Layout.build's job; this is what the loop does not do
+    (complexity_dist/parallel/parallelize.py check_parallelize: pipeline parallel, tp/ep with ZeRO 0 or 3,
+    sequence parallel with ep)."""
+    from complexity_dist.parallel.parallelize import check_parallelize
+
+    check_parallelize(cfg)
 
 
 def init_distributed(cfg: Config) -> DistEnv:

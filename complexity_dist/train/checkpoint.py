@@ -272,6 +272,28 @@ def _safe_deepspeed_reads(engine):
             del ce.load
 
 
+@contextmanager
+def _without_deepspeed_expert_files(engine):
+    """Expert parallel (complexity_dist/parallel/expert_parallel.py) shows DeepSpeed a parameter-free MoE
+    marker, so DeepSpeed writes no per-expert files (its format assumes contiguous expert blocks; ours are
+    e mod ep) and must not look for them on load. Each rank's expert rows are in its own rank file instead
+    (the trainer restores them after this load; ZeRO 1/2 also restore them from each rank's optimizer
+    partition)."""
+    if not getattr(engine, "has_moe_layers", False):
+        yield
+        return
+    cls = type(engine)
+    for klass in cls.__mro__:
+        if "load_moe_state_dict" in klass.__dict__:
+            owner, original = klass, klass.__dict__["load_moe_state_dict"]
+            break
+    owner.load_moe_state_dict = staticmethod(lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        owner.load_moe_state_dict = original
+
+
 def _agree(code: int) -> int:
     """The largest of every rank's `code` (0 = all well)."""
     on_gpu = "nccl" in str(dist.get_backend()) and torch.cuda.is_available()
@@ -372,12 +394,17 @@ class Checkpointer:
         world = int(trainer_state["world_size"])
         names = {f.name for f in pt_files}
         expected = [f"rank_{r:05d}.pt" for r in range(world)]
-        if not ({"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"} & names):
-            expected.append("mp_rank_00_model_states.pt")
-        if int(config["parallel"].get("zero_stage", 0)) > 0:
-            for r in range(world):
-                if not any(n.endswith(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt") for n in names):
-                    expected.append(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        # DeepSpeed names its files by model-parallel rank (tp x pp; one replica's ranks) and data-parallel rank
+        parallel = config["parallel"]
+        model_parallel = int(parallel.get("tp", 1)) * int(parallel.get("pp", 1))
+        dp = max(world // model_parallel, 1)
+        for m in range(model_parallel):
+            if not ({f"mp_rank_{m:02d}_model_states.pt", f"zero_pp_rank_0_mp_rank_{m:02d}_model_states.pt"} & names):
+                expected.append(f"mp_rank_{m:02d}_model_states.pt")
+            if int(parallel.get("zero_stage", 0)) > 0:
+                for r in range(dp):
+                    if not any(n.endswith(f"zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt") for n in names):
+                        expected.append(f"zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt")
         for name in expected:
             if name not in names:
                 raise DamagedCheckpoint(f"{path / name} is missing")
@@ -405,6 +432,14 @@ class Checkpointer:
                 f"model config, or a new train.run_dir to start a fresh run")
         old_world = saved.trainer_state["world_size"]
         old_zero = saved.config["parallel"]["zero_stage"]
+        old = {k: saved.config["parallel"].get(k, 1) for k in ("tp", "pp", "ep")}
+        new = {k: getattr(cfg.parallel, k) for k in ("tp", "pp", "ep")}
+        if old != new or (max(new.values()) > 1 and old_world != world_size):
+            fmt = lambda d, w: " ".join(f"{k}={v}" for k, v in d.items()) + f" on {w} process(es)"  # noqa: E731
+            raise CheckpointMismatch(
+                f"checkpoint {saved.path} was written with the layout parallel.{fmt(old, old_world)}; this run "
+                f"has parallel.{fmt(new, world_size)}. Resume with the checkpoint's layout (its weights are "
+                f"sharded by it; resharding a checkpoint to another layout is not supported yet)")
         if old_zero != cfg.parallel.zero_stage or (old_zero > 0 and old_world != world_size):
             raise CheckpointMismatch(
                 f"checkpoint {saved.path} was written with parallel.zero_stage={old_zero} on {old_world} "
@@ -497,7 +532,7 @@ class Checkpointer:
 
     def load(self, engine, saved: SavedRun) -> dict:
         """Loads engine state and this rank's RNG; returns this rank's saved extra state."""
-        with _safe_deepspeed_reads(engine):
+        with _safe_deepspeed_reads(engine), _without_deepspeed_expert_files(engine):
             load_path, _ = engine.load_checkpoint(str(self.dir), tag=saved.tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
         if load_path is None:

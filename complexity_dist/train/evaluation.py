@@ -84,9 +84,11 @@ def check_heldout(cfg: Config) -> None:
 class Evaluator:
     """Mean held-out loss of the engine's model; every rank calls `evaluate` together."""
 
-    def __init__(self, engine, loader, micro_batches: int, device: torch.device, every: int, total_steps: int):
+    def __init__(self, engine, loader, micro_batches: int, device: torch.device, every: int, total_steps: int,
+                 dp_group=None):
         self.engine, self.loader, self.micro_batches, self.device = engine, loader, micro_batches, device
         self.every, self.total_steps = every, total_steps
+        self.dp_group = dp_group  # None = the default group
 
     def due(self, step: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == self.total_steps)
@@ -116,7 +118,9 @@ class Evaluator:
         finally:
             batches.close()
             engine.train(was_training)
-        dist.all_reduce(totals)
+        # over the data-parallel group: the tensor-parallel ranks of a replica hold the same (vocab-parallel)
+        # loss of the same samples
+        dist.all_reduce(totals, group=self.dp_group)
         val_loss = (totals[0] / totals[1]).item()
         # (exp overflows past ~709; a NaN loss stays NaN)
         return {"val_loss": val_loss, "val_ppl": float("inf") if val_loss > 700 else math.exp(val_loss)}
@@ -134,4 +138,4 @@ def build_evaluator(cfg: Config, env, engine, data_path: str | Path) -> Evaluato
     loader = TokenLoader(path, cfg.data.seq_len, layout.micro_batch, dp_rank=env.dp_rank, dp_size=layout.dp,
                          seed=cfg.train.seed, vocab_size=cfg.model.vocab_size, shards=part)
     return Evaluator(engine, loader, cfg.train.eval_batches * layout.grad_accum, env.device,
-                     cfg.train.eval_every, cfg.train.steps)
+                     cfg.train.eval_every, cfg.train.steps, dp_group=env.dp_group)

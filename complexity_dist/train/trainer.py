@@ -15,7 +15,9 @@ from complexity_dist.config import Config
 from complexity_dist.model import ComplexityForCausalLM
 from complexity_dist.model.accounting import flops_per_token, model_counts
 from complexity_dist.parallel.distributed import DistEnv, check_supported, init_distributed, world_from_env
-from complexity_dist.parallel.groups import deepspeed_mpu, destroy_groups
+from complexity_dist.parallel.expert_parallel import routed_override_fraction
+from complexity_dist.parallel.groups import destroy_groups
+from complexity_dist.parallel.parallelize import expert_state, full_state_dict, load_expert_state, parallelize
 from complexity_dist.train.checkpoint import (CheckpointMismatch, Checkpointer, SavedRun, finished,
                                               print_notes)
 from complexity_dist.train.faults import (EXIT_DIVERGED, EXIT_NO_SPACE, EXIT_REQUEUE, InjectedFaults,
@@ -86,11 +88,14 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and env.device.type == "cuda")
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-        model = ComplexityForCausalLM(cfg.model)
+        model = ComplexityForCausalLM(cfg.model).to(env.device)
         model.model.gradient_checkpointing = cfg.train.activation_checkpointing
+        # the layout (tensor/sequence/expert parallel) applied to the plain model, before compile and engine
+        self.plan = parallelize(model, cfg, env.groups)
         if cfg.train.compile:
             model.compile_layers()
-        self.engine = build_engine(model.to(env.device), cfg, env.layout, self.bf16, mpu=deepspeed_mpu(env.groups))
+        self.engine = build_engine(model, cfg, env.layout, self.bf16, mpu=self.plan.mpu,
+                                   expert_group_name=self.plan.expert_group_name)
         self.checkpointer = Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep_last)
         self.step, self.tokens_seen, self.skipped_total = 0, 0, 0
         loader_state = None
@@ -99,7 +104,10 @@ class Trainer:
             self.step = saved.trainer_state["step"]
             self.tokens_seen = saved.trainer_state["tokens_seen"]
             self.skipped_total = saved.trainer_state["skipped_total"]
-            loader_state = rank_state.get("loader")
+            loader_state = rank_state.get("loader")  # None in a checkpoint made by `convert from-hf`
+            if self.plan.expert_parallel:
+                # DeepSpeed's model file holds one data-parallel rank's experts; each rank keeps its own rows
+                load_expert_state(self.engine.module, rank_state["experts"])
         data_path = resolve_data_path(cfg, env)
         self.loader = TokenLoader(data_path, cfg.data.seq_len, env.layout.micro_batch,
                                   dp_rank=env.dp_rank, dp_size=env.layout.dp, seed=cfg.train.seed,
@@ -114,8 +122,9 @@ class Trainer:
         self.faults = InjectedFaults()
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, model_counts(cfg.model))
 
-    def train_step(self, batches) -> tuple[float, float, bool, float]:
-        """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm, skipped, lr)."""
+    def train_step(self, batches) -> tuple[float, float, bool, float, float]:
+        """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm, skipped, lr,
+        routed_override_frac)."""
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         loss_sum = optimizer_step(self.engine, batches, self.env.layout.grad_accum, lr, self.env.device,
                                   poison=self.step + 1 in self.faults.nan_steps)
@@ -123,11 +132,35 @@ class Trainer:
         grad_norm = global_grad_norm(self.engine)
         dist.all_reduce(loss_sum, group=self.env.dp_group)  # tp/pp ranks of a replica hold the same loss
         mean_loss = loss_sum.item() / (self.env.layout.grad_accum * self.env.layout.dp)
-        return mean_loss, grad_norm, skipped, lr
+        return mean_loss, grad_norm, skipped, lr, self._routed_override_frac()
+
+    def _routed_override_frac(self) -> float:
+        """Share of tokens the mu override moved off token_id % E in the last micro-batch: mean over layers,
+        then over ranks (each rank's share is over the same number of tokens: its micro-batch, or under
+        sequence parallel its slice of it, so the mean over all ranks is the mean over data-parallel ranks)."""
+        frac = torch.tensor([routed_override_fraction(self.engine.module)], dtype=torch.float64,
+                            device=self.env.device)
+        dist.all_reduce(frac)
+        return frac.item() / self.env.world_size
+
+    def dump_full_weights(self, tag: str) -> None:
+        """Debug/test drill: with COMPLEXITY_DIST_DUMP_WEIGHTS=DIR, rank 0 writes DIR/<tag>.pt, the
+        single-process state_dict gathered from every rank's shards (collective: every rank calls it), when
+        training starts (or resumes) and after every step. For parity tests on tiny models only."""
+        out = os.environ.get("COMPLEXITY_DIST_DUMP_WEIGHTS")
+        if not out:
+            return
+        state = full_state_dict(self.engine.module, self.plan)
+        if self.env.is_main:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            torch.save(state, Path(out) / f"{tag}.pt")
 
     def save(self) -> Path:
         state = {"tokens_seen": self.tokens_seen, "skipped_total": self.skipped_total}
-        return self.checkpointer.save(self.engine, self.step, state, {"loader": self.loader.state_dict()},
+        rank_state = {"loader": self.loader.state_dict()}
+        if self.plan.expert_parallel:
+            rank_state["experts"] = expert_state(self.engine.module)
+        return self.checkpointer.save(self.engine, self.step, state, rank_state,
                                       self.cfg, before_commit=self.faults.maybe_kill_in_save,
                                       in_write=lambda path: self.faults.maybe_no_space(self.step, path))
 
@@ -150,16 +183,18 @@ class Trainer:
         guard = SkipGuard(cfg.train.max_consecutive_skips)
         batches = iter(self.loader)
         exit_code = 0
+        self.dump_full_weights(f"step_{self.step}")
         try:
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
-                loss, grad_norm, skipped, lr = self.train_step(batches)
+                loss, grad_norm, skipped, lr, override = self.train_step(batches)
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - t0
                 self.step += 1
                 self.tokens_seen += tokens_per_step
                 self.skipped_total += int(skipped)
+                self.dump_full_weights(f"step_{self.step}")
                 rates = throughput.update(tokens_per_step, seconds, steps_left=cfg.train.steps - self.step)
                 # every rank evaluates together (after the step's timing, so tokens/s is training alone)
                 evaluated = self.evaluator.maybe_evaluate(self.step) if self.evaluator else {}
@@ -167,7 +202,7 @@ class Trainer:
                     row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": rates.tokens_per_s, "mfu": rates.mfu, "skipped": int(skipped),
                            "skipped_total": self.skipped_total, "tokens": self.tokens_seen,
-                           "step_time_s": seconds, **evaluated,
+                           "step_time_s": seconds, "routed_override_frac": override, **evaluated,
                            "peak_mem_gib": peak_memory_gib(env.device)}  # rank 0's peak so far
                     log.write(row)
                     tracker.log_metrics(self.step, row)

@@ -1,0 +1,143 @@
+"""The parallelize step (torchtitan's): the one place where the layout is applied to the plain model.
+
+`parallelize(model, cfg, groups)` takes the single-process `ComplexityForCausalLM` (built with the same seed on
+every rank) and applies, in this order:
+
+1. tensor parallel (+ sequence parallel) over the TP group (complexity_dist/parallel/tensor_parallel.py), and
+   marks every sharded parameter `tensor_model_parallel = True`: DeepSpeed's gradient-norm clipping
+   (`is_model_parallel_parameter`) then sums sharded parameters over the model-parallel group and counts a
+   replicated one only on tensor-parallel rank 0;
+2. expert parallel over the EP group (complexity_dist/parallel/expert_parallel.py), and tells DeepSpeed which
+   parameters are expert parameters (reduced and ZeRO-partitioned over the expert-data-parallel group).
+
+It returns a `Parallelized` record that the engine and the checkpointer need: the expert group name (the
+optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weights on one rank.
+
+`check_parallelize(cfg)` refuses, before any process group exists, what this loop does not run (see its
+messages): pipeline parallelism, model parallelism with ZeRO 0 or 3, sequence parallel with expert parallel.
+(TP2 with train.compile=true was run on CPU/gloo: 3 steps equal to one process within 2e-7; not checked on GPU.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from complexity_dist.config import Config, ConfigError
+
+
+def check_parallelize(cfg: Config) -> None:
+    """Raise ConfigError for a layout the training loop refuses (the layout's own arithmetic is
+    config.layout_problems'). Every message names the setting and the fix."""
+    p = cfg.parallel
+    problems = []
+    if p.pp != 1:
+        problems.append(f"parallel.pp={p.pp}: pipeline parallelism is not wired into the training loop yet; set "
+                        f"parallel.pp=1 and use parallel.tp / parallel.ep / data parallelism")
+    if p.tp > 1 or p.ep > 1:
+        what = " and ".join(x for x, on in (("parallel.tp", p.tp > 1), ("parallel.ep", p.ep > 1)) if on)
+        if p.zero_stage == 0:
+            problems.append(f"{what} > 1 with parallel.zero_stage=0: the stage-0 optimizer clips by a norm of "
+                            f"this rank's parameters only, which is wrong for sharded weights; use "
+                            f"parallel.zero_stage=1 or 2 (ZeRO 1 costs nothing extra in communication)")
+        if p.zero_stage == 3:
+            why = ("DeepSpeed's ZeRO 3 refuses expert (MoE) parameters" if p.ep > 1 else
+                   "ZeRO 3 partitions the parameters the tensor-parallel hooks hold, which is not verified")
+            problems.append(f"{what} > 1 with parallel.zero_stage=3: {why}; use parallel.zero_stage=1 or 2")
+    if p.sequence_parallel and p.tp > 1 and p.ep > 1:
+        problems.append("parallel.sequence_parallel=true with parallel.ep > 1: expert parallel routes by the full "
+                        "sequence's token ids, sequence parallel hands each rank a slice; the combination is not "
+                        "done yet; set parallel.sequence_parallel=false (tp x ep works without it)")
+    if p.sequence_parallel and p.tp > 1 and cfg.data.seq_len % p.tp:
+        problems.append(f"parallel.sequence_parallel needs parallel.tp={p.tp} to divide data.seq_len="
+                        f"{cfg.data.seq_len}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class Parallelized:
+    """What the rest of the loop needs to know about the applied layout."""
+    tp_group: object = None
+    ep_group: object = None
+    expert_group_name: str | None = None  # DeepSpeed's expert group name; None without expert parallel
+    mpu: object = None                    # complexity_dist.parallel.groups.DeepSpeedMPU or None
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.expert_group_name is not None
+
+
+def parallelize(model: nn.Module, cfg: Config, groups) -> Parallelized:
+    """Apply `cfg.parallel` to `model` in place over `groups` (complexity_dist/parallel/groups.py
+    ParallelGroups; None = a world of one). Call before compiling and before `build_engine`."""
+    from complexity_dist.parallel.expert_parallel import apply_expert_parallel, enable_deepspeed_expert_reduction
+    from complexity_dist.parallel.groups import deepspeed_mpu
+    from complexity_dist.parallel.tensor_parallel import apply_tensor_parallel
+
+    check_parallelize(cfg)
+    p = cfg.parallel
+    out = Parallelized(mpu=deepspeed_mpu(groups))
+    if groups is None:
+        return out
+    # EP before TP: EP swaps in new expert parameters (this rank's rows) and replaces compute_experts; TP then
+    # shards those rows and wraps the EP compute in its copy/reduce (each TP rank runs the all-to-all among
+    # the ranks of its own tp rank: megatron-core's EP groups). The other order would drop the TP wrapper.
+    if p.ep > 1:
+        apply_expert_parallel(model, groups.ep_group)
+        out.ep_group = groups.ep_group
+    if p.tp > 1:
+        apply_tensor_parallel(model, groups.tp_group, sequence_parallel=p.sequence_parallel)
+        for param in model.parameters():
+            if hasattr(param, "tp_shard"):
+                param.tensor_model_parallel = True  # deepspeed.utils.is_model_parallel_parameter
+        out.tp_group = groups.tp_group
+    if p.ep > 1:  # marks the final (possibly TP-sharded) expert parameters
+        out.expert_group_name = enable_deepspeed_expert_reduction(model, groups.ep_group, groups.expert_dp_group)
+    return out
+
+
+# --- gathering the full model on one rank (tests, debugging) -------------------------------------------
+
+def expert_param_names(model: nn.Module) -> list[str]:
+    """Names of the expert-parallel parameters (those DeepSpeed treats as expert parameters)."""
+    return [name for name, p in model.named_parameters() if not getattr(p, "allreduce", True)]
+
+
+def full_state_dict(model: nn.Module, plan: Parallelized) -> dict[str, torch.Tensor]:
+    """The single-process state_dict (today's names and shapes) of a parallelized model. Collective over the
+    TP and EP groups: every rank calls it."""
+    from complexity_dist.parallel.tensor_parallel import full_state_dict as tp_full
+
+    state = tp_full(model) if plan.tp_group is not None else \
+        {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if plan.ep_group is None:
+        return state
+    ep = dist.get_world_size(plan.ep_group)
+    for name in expert_param_names(model):
+        local = state[name].contiguous()
+        parts = [torch.empty_like(local) for _ in range(ep)]
+        dist.all_gather(parts, local, group=plan.ep_group)
+        # rank r holds experts r, r+ep, ...: row j of rank r is expert r + j*ep
+        state[name] = torch.stack(parts, dim=1).reshape(-1, *local.shape[1:])
+    return state
+
+
+def expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's expert rows (what DeepSpeed's model-states file, written by one data-parallel rank only,
+    does not hold for the other expert-parallel ranks)."""
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().clone() for name in expert_param_names(model)}
+
+
+@torch.no_grad()
+def load_expert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    names = set(expert_param_names(model))
+    if set(state) != names:
+        raise ValueError(f"expert rows in the checkpoint ({sorted(state)}) do not match the model's "
+                         f"({sorted(names)})")
+    for name, value in state.items():
+        params[name].copy_(value)

@@ -1,0 +1,142 @@
+"""Model parallelism in the training loop (issue 7), proven equal to one process: `complexity-dist train` under
+torchrun with gloo on CPU, a tiny fp32 model, against a 1-process run on the same global batch.
+
+Every launch writes its full weights (gathered from the shards by rank 0) at the start and after every step
+(COMPLEXITY_DIST_DUMP_WEIGHTS); the launches run once per module and serve several tests:
+
+    ref        1 process, ZeRO 1                      the reference (5 steps)
+    ref0       1 process, ZeRO 1, router_base_margin 0 the reference with the mu override moving tokens
+    tp2        TP2, ZeRO 1 (5 steps)                  parity; the uninterrupted twin of tp2_split
+    tp2_split  TP2, ZeRO 1, preempted at 3, resumed   bit-exact resume under TP
+    tp2_sp     TP2 + sequence parallel, ZeRO 2        parity
+    ep2        EP2 (dp 2), ZeRO 1                     parity
+    ep2_moved  EP2 (dp 2), ZeRO 2, margin 0           parity with tokens moved by the override; MLflow metric
+    tp2ep2     4 processes: TP2 x EP2 (dp 2), ZeRO 1, preempted at 3 and resumed: parity, expert rows survive
+
+All runs: mu_router straight_through (so the router trains too) and weight decay 0, so a parameter that moved
+got a gradient (Adam moves nothing with zero gradients and zero moments).
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import ROOT, dataset, metrics, run, train_cmd  # noqa: F401  (dataset is a fixture)
+
+STEPS = 5
+COMMON = ["model.mu_router=straight_through", "optim.weight_decay=0", "train.precision=fp32",
+          "parallel.zero_stage=1", f"train.steps={STEPS}", "checkpoint.every=100", "data.val_shards=1",
+          "train.eval_every=3", "train.eval_batches=1"]
+# losses and gradient norms: 1e-5 relative. Weights after several AdamW steps: AdamW divides by sqrt(v), so an
+# element with a near-zero gradient moves by ~lr whatever the last bits of that gradient; differences of
+# summation order (all-reduce vs one GEMM) show as ~1e-6 absolute there. atol 1e-5 is 1/300 of one step.
+LOSS_TOL = dict(rtol=1e-5, atol=0.0)
+WEIGHT_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def launch(root: Path, name: str, dataset: Path, *overrides: str, nproc: int = 2, env=None, check=True,
+           dump: str = "w"):
+    return run(train_cmd(root / name, dataset, *COMMON, *overrides, nproc=nproc),
+               env_extra={"COMPLEXITY_DIST_DUMP_WEIGHTS": str(root / name / dump), **(env or {})}, check=check)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, dataset):  # noqa: F811
+    root = tmp_path_factory.mktemp("parallel-train")
+    launch(root, "ref", dataset, nproc=1)
+    launch(root, "ref0", dataset, "model.router_base_margin=0", "train.steps=3", nproc=1)
+    launch(root, "tp2", dataset, "parallel.tp=2")
+    preempt = {"COMPLEXITY_DIST_PREEMPT_AT": "3"}
+    assert launch(root, "tp2_split", dataset, "parallel.tp=2", env=preempt, check=False).returncode != 0
+    launch(root, "tp2_split", dataset, "parallel.tp=2", dump="w_resumed")
+    launch(root, "tp2_sp", dataset, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2",
+           "train.steps=3")
+    launch(root, "ep2", dataset, "parallel.ep=2", "train.steps=3")
+    launch(root, "ep2_moved", dataset, "parallel.ep=2", "parallel.zero_stage=2", "model.router_base_margin=0",
+           "train.steps=3", "tracking.enabled=true")
+    four = ["parallel.tp=2", "parallel.ep=2"]
+    assert launch(root, "tp2ep2", dataset, *four, nproc=4, env=preempt, check=False).returncode != 0
+    launch(root, "tp2ep2", dataset, *four, nproc=4, dump="w_resumed")
+    return root
+
+
+def weights(root: Path, name: str, step: int, dump: str = "w") -> dict:
+    return torch.load(root / name / dump / f"step_{step}.pt", map_location="cpu", weights_only=True)
+
+
+def assert_parity(root: Path, name: str, ref: str = "ref", steps: int = 3):
+    got, want = metrics(root / name)[:steps], metrics(root / ref)[:steps]
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in got], dtype=torch.float64),
+                                   torch.tensor([r[key] for r in want], dtype=torch.float64), **LOSS_TOL,
+                                   msg=lambda m: f"{name} {key}: {m}")
+    torch.testing.assert_close(torch.tensor(got[2]["val_loss"]), torch.tensor(want[2]["val_loss"]), **LOSS_TOL)
+    first, last = weights(root, name, 0), weights(root, name, steps)
+    ref_first, ref_last = weights(root, ref, 0), weights(root, ref, steps)
+    assert first.keys() == ref_first.keys() and last.keys() == ref_last.keys()
+    for k in ref_first:
+        assert torch.equal(first[k], ref_first[k]), f"{name}: initial {k} differs from one process"
+        torch.testing.assert_close(last[k], ref_last[k], **WEIGHT_TOL, msg=lambda m: f"{name} {k}: {m}")
+        # every parameter got a gradient: with weight decay 0 a parameter only moves with a gradient
+        assert not torch.equal(last[k], first[k]), f"{name}: {k} never moved (no gradient)"
+
+
+@pytest.mark.parametrize("name", ["tp2", "tp2_sp", "ep2", "tp2ep2"])
+def test_layout_equals_one_process(runs, name):
+    assert_parity(runs, name)
+    # the base route only: no token moved by the mu override, on any rank, in any layer
+    assert all(r["routed_override_frac"] == 0.0 for r in metrics(runs / name))
+
+
+def test_expert_parallel_with_tokens_moved_by_the_override(runs):
+    from mlflow import MlflowClient
+
+    assert_parity(runs, "ep2_moved", ref="ref0")
+    got, want = metrics(runs / "ep2_moved"), metrics(runs / "ref0")
+    fracs = [r["routed_override_frac"] for r in got]
+    assert all(f > 0.3 for f in fracs), fracs  # mu_router decides: most tokens leave token_id % E
+    torch.testing.assert_close(torch.tensor(fracs), torch.tensor([r["routed_override_frac"] for r in want]),
+                               rtol=1e-6, atol=1e-6)
+    run_dir = runs / "ep2_moved"
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    history = client.get_metric_history((run_dir / "mlflow_run_id").read_text().strip(), "routed_override_frac")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(fracs)
+
+
+def test_resume_under_tensor_parallel_is_bit_exact(runs):
+    full, split = metrics(runs / "tp2"), metrics(runs / "tp2_split")
+    assert [r["step"] for r in split] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert [r.get(key) for r in split] == [r.get(key) for r in full], key
+    ckpt = runs / "tp2_split/checkpoints/step_00000003"
+    assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= {f.name for f in ckpt.iterdir()}
+    assert json.loads((ckpt / "config.json").read_text())["parallel"]["tp"] == 2
+    resumed, uninterrupted = weights(runs, "tp2_split", STEPS, "w_resumed"), weights(runs, "tp2", STEPS)
+    for k in uninterrupted:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
+
+
+def test_expert_rows_survive_save_and_load(runs):
+    """TP2 x EP2: the weights right after loading step 3 are the saved ones bit for bit (each EP rank's own
+    experts, not rank 0's), and training continues equal to one process."""
+    before, after = weights(runs, "tp2ep2", 3), weights(runs, "tp2ep2", 3, "w_resumed")
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    rows, ref = metrics(runs / "tp2ep2"), metrics(runs / "ref")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in rows]), torch.tensor([r["loss"] for r in ref]),
+                               **LOSS_TOL)
+    final, ref_final = weights(runs, "tp2ep2", STEPS, "w_resumed"), weights(runs, "ref", STEPS)
+    for k in ref_final:
+        torch.testing.assert_close(final[k], ref_final[k], **WEIGHT_TOL, msg=lambda m: f"{k}: {m}")
+
+
+def test_resume_under_another_layout_is_refused(runs, dataset):  # noqa: F811
+    proc = run(train_cmd(runs / "tp2_split", dataset, *COMMON, "train.steps=6", "parallel.zero_stage=1"),
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "layout parallel.tp=2 pp=1 ep=1 on 2 process(es)" in proc.stderr, proc.stderr[-3000:]
+    assert "this run has parallel.tp=1 pp=1 ep=1 on 1 process(es)" in proc.stderr
