@@ -3,12 +3,14 @@
 `parallelize(model, cfg, groups)` takes the single-process `ComplexityForCausalLM` (built with the same seed on
 every rank) and applies, in this order:
 
-1. tensor parallel (+ sequence parallel) over the TP group (complexity_dist/parallel/tensor_parallel.py), and
-   marks every sharded parameter `tensor_model_parallel = True`: DeepSpeed's gradient-norm clipping
-   (`is_model_parallel_parameter`) then sums sharded parameters over the model-parallel group and counts a
-   replicated one only on tensor-parallel rank 0;
-2. expert parallel over the EP group (complexity_dist/parallel/expert_parallel.py), and tells DeepSpeed which
-   parameters are expert parameters (reduced and ZeRO-partitioned over the expert-data-parallel group).
+1. expert parallel over the EP group (complexity_dist/parallel/expert_parallel.py): this rank keeps the rows
+   of experts e with e mod ep = its EP rank and sends tokens to their expert's rank;
+2. tensor parallel (+ sequence parallel) over the TP group (complexity_dist/parallel/tensor_parallel.py), which
+   shards those rows further and wraps the expert computation in its copy/reduce, and marks every sharded
+   parameter `tensor_model_parallel = True`: DeepSpeed's gradient-norm clipping (`is_model_parallel_parameter`)
+   then sums sharded parameters over the model-parallel group and counts a replicated one only once;
+3. tells DeepSpeed which parameters are expert parameters (reduced and ZeRO-partitioned over the
+   expert-data-parallel group).
 
 It returns a `Parallelized` record that the engine and the checkpointer need: the expert group name (the
 optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weights on one rank.
