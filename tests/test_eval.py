@@ -3,6 +3,8 @@
 The end-to-end checks (1 vs 2 processes, ZeRO-1/3, metrics.jsonl rows) are in test_train_coverage.py."""
 import math
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -188,11 +190,19 @@ def test_evaluator_is_the_token_mean_over_fixed_samples_in_eval_mode(unique_data
 
 
 def test_peak_memory_is_the_peak_rss_on_cpu():
-    before = peak_memory_gib("cpu")
-    block = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
-    during = peak_memory_gib(torch.device("cpu"))
-    del block
-    after = peak_memory_gib()
+    # in a fresh process: this one's lifetime peak may already lie far above anything allocated here
+    code = """
+import numpy as np, torch
+from complexity_dist.train.metrics import peak_memory_gib
+before = peak_memory_gib("cpu")
+block = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
+during = peak_memory_gib(torch.device("cpu"))
+del block
+after = peak_memory_gib()
+print(before, during, after)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    before, during, after = map(float, out.split())
     assert during - before > 0.15 and after == pytest.approx(during, abs=0.01)  # a peak does not fall
 
 
