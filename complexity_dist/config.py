@@ -47,7 +47,9 @@ class ModelConfig:
     pad_token_id: int = 1
     bos_token_id: int = 2
     eos_token_id: int = 0
-    # which implementation builds the projections; "torch" is plain nn.Linear-like parameters
+    # which implementation runs the tensor-parallel projections (complexity_dist/parallel/tensor_parallel.py):
+    # "torch" (plain parameters and F.linear), "megatron" (megatron-core's tensor-parallel linears, needs
+    # parallel.tp > 1), "te" (Transformer Engine: refused, see parallelize.check_parallelize)
     linear_backend: str = "torch"
 
     @property
@@ -72,7 +74,7 @@ class ModelConfig:
         _require(self.head_dim % 2 == 0,
                  f"model.hidden_size / num_attention_heads = {self.head_dim} must be even for rotary embeddings")
         _choice("model.mu_router", self.mu_router, ("hard", "straight_through"))
-        _choice("model.linear_backend", self.linear_backend, ("torch",))
+        _choice("model.linear_backend", self.linear_backend, ("torch", "megatron", "te"))
         _require(self.dynamics_beta_max > 0, f"model.dynamics_beta_max={self.dynamics_beta_max} must be > 0")
         _require(self.dynamics_velocity_clamp > 0,
                  f"model.dynamics_velocity_clamp={self.dynamics_velocity_clamp} must be > 0")

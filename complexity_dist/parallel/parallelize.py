@@ -16,7 +16,9 @@ It returns a `Parallelized` record that the engine and the checkpointer need: th
 optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weights on one rank.
 
 `check_parallelize(cfg)` refuses, before any process group exists, what this loop does not run (see its
-messages): pipeline parallelism, model parallelism with ZeRO 0 or 3, sequence parallel with expert parallel.
+messages): pipeline parallelism, model parallelism with ZeRO 0 or 3, sequence parallel with expert parallel,
+and the model.linear_backend values that cannot run with the layout or on this machine (te on CPU or without
+Transformer Engine; megatron with tp=1, sequence parallel or train.compile).
 (TP2 with train.compile=true was run on CPU/gloo: 3 steps equal to one process within 2e-7; not checked on GPU.)
 """
 from __future__ import annotations
@@ -55,8 +57,45 @@ def check_parallelize(cfg: Config) -> None:
     if p.sequence_parallel and p.tp > 1 and cfg.data.seq_len % p.tp:
         problems.append(f"parallel.sequence_parallel needs parallel.tp={p.tp} to divide data.seq_len="
                         f"{cfg.data.seq_len}")
+    problems += linear_backend_problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def linear_backend_problems(cfg: Config) -> list[str]:
+    """What model.linear_backend cannot do with this layout or on this machine (one message each)."""
+    from complexity_dist.parallel.tensor_parallel import MEGATRON_SP_REFUSAL
+
+    backend, p = cfg.model.linear_backend, cfg.parallel
+    problems = []
+    if backend == "te":
+        problems.append("model.linear_backend=te: " + _te_unavailable())
+    elif backend == "megatron":
+        if p.tp == 1:
+            problems.append("model.linear_backend=megatron replaces the tensor-parallel linears and needs "
+                            "parallel.tp > 1; with parallel.tp=1 use model.linear_backend=torch (the same GEMMs)")
+        if p.sequence_parallel and p.tp > 1:
+            problems.append(MEGATRON_SP_REFUSAL)
+        if cfg.train.compile:
+            problems.append("model.linear_backend=megatron with train.compile=true is not verified (megatron's "
+                            "autograd functions run collectives in backward); set train.compile=false or "
+                            "model.linear_backend=torch")
+    return problems
+
+
+def _te_unavailable() -> str:
+    """Why the Transformer Engine backend cannot run here."""
+    if not torch.cuda.is_available():
+        return ("Transformer Engine's linears run on CUDA GPUs only and this machine has none "
+                "(torch.cuda.is_available() is False); use model.linear_backend=torch or megatron")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # ImportError, or a CUDA/library mismatch raised while importing
+        return (f"transformer_engine does not import ({type(e).__name__}: {e}); install Transformer Engine "
+                f"for this CUDA and torch, or use model.linear_backend=torch or megatron")
+    return ("the Transformer Engine linears are not wired into the tensor-parallel plan yet "
+            "(complexity_dist/parallel/tensor_parallel.py, 'Linear backends'); use model.linear_backend=torch "
+            "or megatron")
 
 
 @dataclass
@@ -91,7 +130,8 @@ def parallelize(model: nn.Module, cfg: Config, groups) -> Parallelized:
         apply_expert_parallel(model, groups.ep_group)
         out.ep_group = groups.ep_group
     if p.tp > 1:
-        apply_tensor_parallel(model, groups.tp_group, sequence_parallel=p.sequence_parallel)
+        apply_tensor_parallel(model, groups.tp_group, sequence_parallel=p.sequence_parallel,
+                              backend=cfg.model.linear_backend)
         for param in model.parameters():
             if hasattr(param, "tp_shard"):
                 param.tensor_model_parallel = True  # deepspeed.utils.is_model_parallel_parameter

@@ -36,19 +36,31 @@ computes a gradient norm (parameters with `tp_shard` set are sharded, the others
 Sequence parallel splits the sequence (dim 1) over the TP ranks between the TP regions; data.seq_len must be
 divisible by tp. Cached decoding (`generate`) is single-process only.
 
-Linear backends. This plan is the `torch` backend: the shards are plain parameters under today's names, so
-the attention's stacked [x, mu] QKV GEMM (it concatenates q/k/v/mu_to_* weights and calls F.linear) runs
-unchanged on the local heads. A `megatron` backend is not done; the proposed design: keep the attention
-reading `.weight` of q/k/v/mu_to_* (megatron-core's ColumnParallelLinear would only hold the shard there, its
-forward is never called), and swap o_proj and an untied lm_head for subclasses of RowParallelLinear /
-ColumnParallelLinear whose forward returns the output alone (megatron returns (output, bias)) and which take
-`tp_group` explicitly, so the names stay `o_proj.weight` / `lm_head.weight`. Their gain on CPU is nil (same
-GEMM and all-reduce as here); the value is on GPU with TE (`te.Linear`), whose `_extra_state` (FP8 scaling)
-adds a state_dict key per linear — the checkpoint adapter must drop/restore it to keep today's names.
+Linear backends (`backend`, from model.linear_backend). `torch`: the shards are plain parameters under today's
+names and the collectives are the hooks above. `megatron`: the same shards, but the sharded projections run
+through megatron-core's tensor-parallel linears, which carry their own collectives:
+    o_proj              a RowParallelLinear (input_is_parallel) holding the `o_proj.weight` shard; its output
+                        reduce replaces the hook
+    lm_head             a ColumnParallelLinear (gather_output=False) holding the `lm_head.weight` shard (tied: the
+                        embedding's shard, as with torch); its input-gradient all-reduce replaces copy_to
+    stacked [x, mu] QKV the attention's `project_qkv` seam calls megatron's
+                        linear_with_grad_accumulation_and_async_allreduce on `qkv_weight()` (this rank's heads,
+                        concatenated from the q/k/v/mu_to_* shards as in one process), with the input-gradient
+                        all-reduce replacing copy_to on n and mu_prev; a module holding stacked rows would
+                        rename the checkpoint's q/k/v/mu_to_* weights
+Both subclasses return the output alone (megatron returns (output, bias)) and drop megatron's `_extra_state`
+state_dict entry, so the names and shapes of `full_state_dict` are today's. The experts (batched matmuls, not
+linears), the embedding and the replicated projections (dynamics, mu_router: no TP split) are the same in both
+backends. Refused with megatron: sequence parallel (megatron-core 0.16.1's sequence-parallel linears gather and
+scatter dim 0 of [seq, batch, hidden] into buffers allocated with torch.cuda.current_device(); this model is
+[batch, seq, hidden] and must also run on CPU). Transformer Engine (`te`) is refused in
+complexity_dist/parallel/parallelize.py; on GPU it would sit behind the same seam, and te.Linear's
+`_extra_state` (FP8 scaling) must then be kept out of the checkpoint names the same way.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -166,15 +178,106 @@ def _mark_partial(param: nn.Parameter, group) -> None:
     param.register_hook(_sum_grad_over(group))
 
 
-def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = False) -> nn.Module:
-    """Shard `model` (a ComplexityForCausalLM) in place over `tp_group` and return it. See the module doc."""
+BACKENDS = ("torch", "megatron")
+MEGATRON_SP_REFUSAL = (
+    "model.linear_backend=megatron with parallel.sequence_parallel=true: megatron-core 0.16.1's sequence-parallel "
+    "linears gather/scatter dim 0 of [seq, batch, hidden] tensors into buffers on torch.cuda.current_device(), "
+    "while this model is [batch, seq, hidden] and runs on CPU too; set parallel.sequence_parallel=false or "
+    "model.linear_backend=torch")
+
+
+def _megatron_layers():
+    # megatron.core's package import warns that Transformer Engine/Apex are missing (on CPU); these linears
+    # need neither
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+        from megatron.core.model_parallel_config import ModelParallelConfig
+        from megatron.core.tensor_parallel import layers
+    return ModelParallelConfig, layers
+
+
+class _MegatronLinears:
+    """Builds megatron-core linears that hold a given shard under today's parameter name."""
+
+    def __init__(self, group, dtype: torch.dtype):
+        ModelParallelConfig, layers = _megatron_layers()
+        self.group, self.layers = group, layers
+        # CPU allocation of a placeholder that the shard replaces (no init, no CUDA); the fused wgrad GEMM
+        # needs apex
+        self.config = ModelParallelConfig(tensor_model_parallel_size=_size(group), sequence_parallel=False,
+                                          use_cpu_initialization=True, perform_initialization=False,
+                                          gradient_accumulation_fusion=False, params_dtype=dtype)
+        self.row_cls, self.column_cls = _megatron_classes(layers)
+
+    def row(self, full: nn.Linear) -> nn.Module:
+        mod = self.row_cls(full.in_features, full.out_features, config=self.config, init_method=nn.init.zeros_,
+                           bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=self.group)
+        mod.weight = _shard(full.weight, _size(self.group), _rank(self.group), ShardSpec(1))
+        return mod
+
+    def column(self, full: nn.Linear, weight: nn.Parameter) -> nn.Module:
+        mod = self.column_cls(full.in_features, full.out_features, config=self.config,
+                              init_method=nn.init.zeros_, bias=False, gather_output=False, tp_group=self.group)
+        mod.weight = weight
+        return mod
+
+    def qkv(self, attn: nn.Module):
+        fn, group = self.layers.linear_with_grad_accumulation_and_async_allreduce, self.group
+
+        def project_qkv(inp: torch.Tensor) -> torch.Tensor:
+            # forward: this rank's heads; backward: the input gradient all-reduced over the TP group (copy_to)
+            return fn(inp, attn.qkv_weight(), None, gradient_accumulation_fusion=False, allreduce_dgrad=True,
+                      sequence_parallel=False, tp_group=group)
+        return project_qkv
+
+
+@functools.cache
+def _megatron_classes(layers):
+    class _Checkpointless:
+        # megatron's linears save an `_extra_state` entry (None, for TE compatibility) and a load pre-hook
+        # inserts one; neither is part of this model's checkpoint names
+        get_extra_state = nn.Module.get_extra_state
+        set_extra_state = nn.Module.set_extra_state
+
+        def _drop_extra_state_hook(self):
+            self._load_state_dict_pre_hooks.clear()
+
+    class RowParallel(_Checkpointless, layers.RowParallelLinear):
+        """megatron-core's RowParallelLinear returning the output alone (bias-free)."""
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._drop_extra_state_hook()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[0]
+
+    class ColumnParallel(_Checkpointless, layers.ColumnParallelLinear):
+        """megatron-core's ColumnParallelLinear returning the output alone (bias-free)."""
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._drop_extra_state_hook()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[0]
+    return RowParallel, ColumnParallel
+
+
+def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = False,
+                          backend: str = "torch") -> nn.Module:
+    """Shard `model` (a ComplexityForCausalLM) in place over `tp_group` and return it. `backend` is
+    model.linear_backend ("torch" or "megatron"). See the module doc."""
     if getattr(model, "tp_group", None) is not None:
         raise ValueError("apply_tensor_parallel: this model is already tensor-parallel")
+    if backend not in BACKENDS:
+        raise ValueError(f"apply_tensor_parallel: backend={backend!r}, expected one of {BACKENDS}")
+    if backend == "megatron" and sequence_parallel:
+        raise ConfigError(MEGATRON_SP_REFUSAL)
     tp, r = _size(tp_group), _rank(tp_group)
     cfg = model.config
     check_tensor_parallel(cfg, tp, sequence_parallel)
     if tp == 1:
         return model
+    megatron = _MegatronLinears(tp_group, model.lm_head.weight.dtype) if backend == "megatron" else None
     g = tp_group
     enter = functools.partial(gather_to_full, group=g, dim=1) if sequence_parallel else \
         functools.partial(copy_to, group=g)
@@ -185,9 +288,13 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, g, sequence_parallel)
     head = model.lm_head
-    head.weight = model.model.embed_tokens.weight if tied else _shard(head.weight, tp, r, ShardSpec(0))
-    head.out_features = head.weight.shape[0]
-    head.register_forward_pre_hook(lambda mod, args: (enter(args[0]), *args[1:]))
+    head_weight = model.model.embed_tokens.weight if tied else _shard(head.weight, tp, r, ShardSpec(0))
+    if megatron is not None:
+        model.lm_head = megatron.column(head, head_weight)
+    else:
+        head.weight = head_weight
+        head.out_features = head.weight.shape[0]
+        head.register_forward_pre_hook(lambda mod, args: (enter(args[0]), *args[1:]))
     model.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=g)
 
     for layer in model.model.layers:
@@ -201,15 +308,19 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
             lin = getattr(attn, name)
             lin.weight = _head_rows(lin.weight, heads, tp, r)
             lin.out_features = lin.weight.shape[0]
-        attn.o_proj.weight = _shard(attn.o_proj.weight, tp, r, ShardSpec(1))
-        attn.o_proj.in_features = attn.o_proj.weight.shape[1]
         assert attn.o_proj.bias is None, "a row-parallel bias would be added tp times"
+        if megatron is not None:  # the collectives are inside megatron's linears
+            attn.o_proj = megatron.row(attn.o_proj)
+            attn.project_qkv = megatron.qkv(attn)
+        else:
+            attn.o_proj.weight = _shard(attn.o_proj.weight, tp, r, ShardSpec(1))
+            attn.o_proj.in_features = attn.o_proj.weight.shape[1]
 
-        def attn_inputs(mod, args):
-            n, mu_prev, *rest = args
-            return (enter(n), None if mu_prev is None else enter(mu_prev), *rest)
-        attn.register_forward_pre_hook(attn_inputs)
-        attn.o_proj.register_forward_hook(lambda mod, args, out: leave(out))
+            def attn_inputs(mod, args):
+                n, mu_prev, *rest = args
+                return (enter(n), None if mu_prev is None else enter(mu_prev), *rest)
+            attn.register_forward_pre_hook(attn_inputs)
+            attn.o_proj.register_forward_hook(lambda mod, args, out: leave(out))
         # shared by every head, applied to this rank's heads only
         _mark_partial(attn.q_norm.weight, g)
         _mark_partial(attn.k_norm.weight, g)
@@ -227,7 +338,7 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
         for p in model.parameters():
             if not hasattr(p, "tp_shard"):
                 _mark_partial(p, g)
-    model.tp_group, model.sequence_parallel = g, sequence_parallel
+    model.tp_group, model.sequence_parallel, model.linear_backend = g, sequence_parallel, backend
     return model
 
 

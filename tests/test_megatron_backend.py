@@ -1,0 +1,124 @@
+"""model.linear_backend=megatron: megatron-core's tensor-parallel linears under the TP plan equal one process and
+the torch backend (2 gloo processes, fp32), in the library and in the training loop; `te` is refused on CPU.
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port
+from test_parallel_train import assert_parity, launch
+from test_tensor_parallel import batch, config, randomized
+from test_train import ROOT, dataset, run  # noqa: F401  (dataset is a fixture)
+
+from complexity_dist.config import ConfigError, load_config
+from complexity_dist.model import ComplexityForCausalLM
+from complexity_dist.parallel.parallelize import check_parallelize
+from complexity_dist.parallel.tensor_parallel import apply_tensor_parallel, full_grads, full_state_dict
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def run_case(tp_group, tie: bool, checkpointing: bool):
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    what = f"{tie=} {checkpointing=}"
+    torch.manual_seed(0)
+    cfg = config(**{"model.mu_router": "straight_through", "model.tie_word_embeddings": tie})
+    ref = randomized(ComplexityForCausalLM(cfg))
+    models = {"torch": apply_tensor_parallel(copy.deepcopy(ref), tp_group, backend="torch"),
+              "megatron": apply_tensor_parallel(copy.deepcopy(ref), tp_group, backend="megatron")}
+    meg = models["megatron"]
+    assert isinstance(meg.lm_head, ColumnParallelLinear)
+    assert all(isinstance(layer.self_attn.o_proj, RowParallelLinear) for layer in meg.model.layers)
+    assert (meg.lm_head.weight is meg.model.embed_tokens.weight) == tie
+    ids, targets = batch()
+    ref.model.gradient_checkpointing = checkpointing
+    out_ref = ref(ids, targets=targets)
+    out_ref.loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    expected = ref.state_dict()
+    results = {}
+    for name, model in models.items():
+        model.model.gradient_checkpointing = checkpointing
+        out = model(ids, targets=targets)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, out_ref.loss, **TOL, msg=lambda m: f"{what} {name} loss: {m}")
+        # today's checkpoint names and shapes, no `_extra_state` from megatron's modules
+        full = full_state_dict(model)
+        assert list(full) == list(expected), f"{what} {name}: {sorted(set(full) ^ set(expected))}"
+        for k in expected:
+            torch.testing.assert_close(full[k], expected[k], rtol=0, atol=0)
+        grads = full_grads(model)
+        assert list(grads) == list(ref_grads)
+        for n, g_ref in ref_grads.items():
+            assert grads[n] is not None, f"{what} {name}: {n} has no gradient"
+            torch.testing.assert_close(grads[n], g_ref, **TOL, msg=lambda m: f"{what} {name} grad {n}: {m}")
+        results[name] = (out.loss.detach(), grads)
+    # the two backends compute the same shards: equal to each other, closer than to one process
+    torch.testing.assert_close(results["megatron"][0], results["torch"][0], **TOL)
+    for n in ref_grads:
+        torch.testing.assert_close(results["megatron"][1][n], results["torch"][1][n], **TOL)
+    # this rank's state_dict loads back strictly (megatron's load hook would demand `_extra_state`)
+    meg.load_state_dict(meg.state_dict(), strict=True)
+
+
+def worker(rank, port, failures):
+    from megatron.core import parallel_state
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # as the trainer (complexity_dist/parallel/groups.py): megatron-core's groups exist
+        parallel_state.initialize_model_parallel(2, create_gloo_process_groups=False)
+        group = parallel_state.get_tensor_model_parallel_group()
+        run_case(group, tie=True, checkpointing=False)
+        run_case(group, tie=False, checkpointing=True)
+        with pytest.raises(ConfigError, match="sequence_parallel"):
+            apply_tensor_parallel(ComplexityForCausalLM(config()), group, sequence_parallel=True, backend="megatron")
+    except BaseException as e:
+        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def test_megatron_backend_equals_one_process_and_torch_backend():
+    ctx = mp.get_context("spawn")
+    failures = ctx.SimpleQueue()
+    try:
+        mp.spawn(worker, args=(free_port(), failures), nprocs=2, join=True)
+    except Exception:
+        msgs = []
+        while not failures.empty():
+            msgs.append(failures.get())
+        pytest.fail("\n".join(msgs) or "a worker failed")
+
+
+def test_refusals_name_the_setting():
+    def refused(*overrides):
+        with pytest.raises(ConfigError) as e:
+            check_parallelize(load_config(None, ["parallel.tp=2", "parallel.zero_stage=1", *overrides]))
+        return str(e.value)
+    assert "Transformer Engine" in refused("model.linear_backend=te")  # on CPU, or without TE / not wired
+    assert "needs parallel.tp > 1" in refused("model.linear_backend=megatron", "parallel.tp=1")
+    assert "torch.cuda.current_device()" in refused("model.linear_backend=megatron", "parallel.sequence_parallel=true")
+    assert "train.compile=true" in refused("model.linear_backend=megatron", "train.compile=true")
+    check_parallelize(load_config(None, ["parallel.tp=2", "parallel.zero_stage=1", "model.linear_backend=megatron"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_te_on_cpu_exits_2(tmp_path, dataset):  # noqa: F811
+    proc = launch(tmp_path, "te", dataset, "model.linear_backend=te", nproc=1, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.linear_backend=te: Transformer Engine's linears run on CUDA GPUs only" in proc.stderr
+
+
+def test_training_with_megatron_linears_equals_one_process(tmp_path, dataset):  # noqa: F811
+    launch(tmp_path, "ref", dataset, "train.steps=3", nproc=1)
+    launch(tmp_path, "tp2_megatron", dataset, "parallel.tp=2", "model.linear_backend=megatron", "train.steps=3")
+    assert_parity(tmp_path, "tp2_megatron")
