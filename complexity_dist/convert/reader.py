@@ -16,6 +16,12 @@ The fp32 master weights are read where DeepSpeed keeps them (the layout of deeps
 Under ZeRO 1/2 the module's own copy is also in mp_rank_00_model_states.pt; every master weight read is checked
 against it (cast to its dtype), which catches a misread layout.
 
+Adam's moments (`exp_avg`, `exp_avg_sq`) lie exactly like the master weights they belong to: under ZeRO 1-3 as
+flat tensors of the group's partition in the base optimizer's state (`state[g][key]`), under ZeRO 0 per
+parameter in the torch optimizer's state_dict (indexed in the order of the optimizer's parameter groups,
+complexity_dist/parallel/deepspeed_engine.py `param_groups`). `read(names, state="exp_avg")` reads them with
+the same plan; complexity_dist/train/reshard.py uses that to resume under another data-parallel layout.
+
 A layout is a `plan`: for each parameter, the fragments (file, group, source offset, length, destination
 offset) it is made of. Tensor, pipeline and expert parallel layouts plug in as further planners in
 `LAYOUT_PLANNERS` (their fragments come from several model-parallel ranks' files); until then they are refused.
@@ -82,6 +88,8 @@ class Plan:
     module_file: Path | None = None  # checked against (ZeRO 1/2): the module's copy of each weight
     flat_key: str = ""
     group_sizes: dict[Path, list[int]] = field(default_factory=dict)  # expected flat sizes, checked on read
+    state_keys: tuple[str, ...] = ()  # path to the base optimizer's state dict in a flat-group file
+    optim_index: dict[str, int] = field(default_factory=dict)  # ZeRO 0: name -> index in the optimizer state
 
 
 def _load(path: Path):
@@ -109,7 +117,7 @@ def _data_parallel_plan(step_dir: Path, zero: int) -> Plan:
         module = _field(meta, "module", model_file)
         shapes = {k: v.shape for k, v in module.items()}
         frags = {k: [Fragment(model_file, -1, 0, v.numel(), 0)] for k, v in module.items()}
-        return Plan(shapes, frags)
+        return Plan(shapes, frags, optim_index=_zero0_optimizer_index(step_dir))
     groups = [dict(g) for g in _field(meta, "param_shapes", model_file)]
     del meta
     optim = {int(m.group(1)): step_dir / f.name for f in step_dir.iterdir() if (m := OPTIM_FILE.fullmatch(f.name))}
@@ -142,6 +150,7 @@ def _data_parallel_plan(step_dir: Path, zero: int) -> Plan:
                                    f"parameters need {off}; the optimizer files do not match {model_file}")
         sizes = parts
         key = "single_partition_of_fp32_groups"
+        state_keys = ("base_optimizer_state", "state")
         module_file = model_file
     else:
         sizes = []
@@ -158,10 +167,26 @@ def _data_parallel_plan(step_dir: Path, zero: int) -> Plan:
                 off += p
             sizes.append(off)
         key = "fp32_flat_groups"
+        state_keys = ("optimizer_state_dict", "state")
         module_file = None
-    plan = Plan(shapes, frags, module_file, key)
+    plan = Plan(shapes, frags, module_file, key, state_keys=state_keys)
     plan.group_sizes = {f: sizes for f in optim.values()}
     return plan
+
+
+def _zero0_optimizer_index(step_dir: Path) -> dict[str, int]:
+    """ZeRO 0 keeps torch's optimizer state_dict, which numbers the parameters in the order of the optimizer's
+    groups. That order is a function of the model config (deepspeed_engine.param_groups), so it is rebuilt on
+    the meta device (no memory, no weights)."""
+    from complexity_dist.model import ComplexityForCausalLM
+    from complexity_dist.parallel.deepspeed_engine import no_weight_decay
+
+    saved = Checkpointer.inspect(None, step_dir)
+    with torch.device("meta"):
+        model = ComplexityForCausalLM(model_config_of(saved))
+    named = list(model.named_parameters())
+    order = [n for n, p in named if not no_weight_decay(n, p)] + [n for n, p in named if no_weight_decay(n, p)]
+    return {n: i for i, n in enumerate(order)}
 
 
 def _refuse_model_parallel(step_dir: Path, parallel: dict) -> Plan:
@@ -192,21 +217,44 @@ class CheckpointReader:
             raise ConvertError(f"{self.saved.path} holds no tensor {name!r}: it is not a checkpoint of this model")
         return self.plan.shapes[name]
 
-    def read(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yields (name, fp32 tensor) in the order asked; a name may repeat."""
+    def read(self, names: Iterable[str], state: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields (name, fp32 tensor) in the order asked; a name may repeat. `state`: None for the master
+        weights, or an optimizer state key ("exp_avg", "exp_avg_sq") for that state of each parameter (zeros
+        for a parameter the optimizer holds no state for: it never stepped)."""
         batch: list[str] = []
         size = 0
         for name in names:
             n = self.shape(name).numel() * 4
             if batch and size + n > self.budget:
-                yield from self._gather(batch)
+                yield from self._gather(batch, state)
                 batch, size = [], 0
             batch.append(name)
             size += n
         if batch:
-            yield from self._gather(batch)
+            yield from self._gather(batch, state)
 
-    def _gather(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def optimizer_step(self) -> int:
+        """Adam's step count (the number of applied steps: a skipped step does not count), 0 before any."""
+        files = sorted({f.file for frags in self.plan.fragments.values() for f in frags})
+        if not files:
+            return 0
+        obj = _load(files[0])
+        if self.plan.optim_index:
+            states = _field(_field(obj, "optimizer", files[0]), "state", files[0]).values()
+        else:
+            states = self._flat_states(obj, files[0]).values()
+        steps = {int(s["step"]) for s in states if isinstance(s, dict) and "step" in s}
+        if len(steps) > 1:
+            raise ConvertError(f"{files[0]}: the optimizer's groups are at different steps {sorted(steps)}")
+        return steps.pop() if steps else 0
+
+    def _flat_states(self, obj, path: Path) -> dict:
+        node = _field(obj, "optimizer_state_dict", path)
+        for key in self.plan.state_keys:
+            node = _field(node, key, path)
+        return node
+
+    def _gather(self, names: list[str], state: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         unique = list(dict.fromkeys(names))
         out = {n: torch.zeros(self.plan.shapes[n].numel(), dtype=torch.float32) for n in unique}
         by_file: dict[Path, list[tuple[str, Fragment]]] = {}
@@ -215,20 +263,43 @@ class CheckpointReader:
                 by_file.setdefault(f.file, []).append((n, f))
         for path, items in by_file.items():  # one file open at a time
             obj = _load(path)
-            if items[0][1].group < 0:
+            if items[0][1].group < 0 and state is None:
                 module = _field(obj, "module", path)
                 for n, f in items:
                     out[n].copy_(_field(module, n, path).reshape(-1).float())
+            elif items[0][1].group < 0:  # ZeRO 0: torch's optimizer state_dict, by parameter index
+                states = _field(_field(obj, "optimizer", path), "state", path)
+                for n, f in items:
+                    if n not in self.plan.optim_index:
+                        raise ConvertError(f"{path}: {n!r} is not a parameter the optimizer holds")
+                    s = states.get(self.plan.optim_index[n])
+                    if s is not None:
+                        out[n].copy_(_field(s, state, path).reshape(-1).float())
             else:
-                flat = _field(_field(obj, "optimizer_state_dict", path), self.plan.flat_key, path)
+                if state is None:
+                    flat = _field(_field(obj, "optimizer_state_dict", path), self.plan.flat_key, path)
+                else:
+                    states = self._flat_states(obj, path)
+                    groups = sorted({f.group for _, f in items})
+                    if any(g not in states for g in groups):  # no step applied yet: Adam's state is empty
+                        flat = None
+                    else:
+                        flat = [_field(states[g], state, path) if g in groups else None
+                                for g in range(max(groups) + 1)]
+                if flat is None:
+                    continue
                 expected = self.plan.group_sizes.get(path)
-                if expected is not None and [t.numel() for t in flat][:len(expected)] != expected:
+                if state is None and expected is not None and [t.numel() for t in flat][:len(expected)] != expected:
                     raise ConvertError(f"{path}: flat groups of {[t.numel() for t in flat]} values, expected "
                                        f"{expected} (the files of {self.saved.path} do not belong together)")
                 for n, f in items:
+                    if flat[f.group].numel() < f.src + f.length:
+                        raise ConvertError(f"{path}: group {f.group} of {state or self.plan.flat_key} holds "
+                                           f"{flat[f.group].numel()} values, {f.src + f.length} expected (the "
+                                           f"files of {self.saved.path} do not belong together)")
                     out[n][f.dst:f.dst + f.length].copy_(flat[f.group][f.src:f.src + f.length])
             del obj
-        if self.plan.module_file is not None:
+        if self.plan.module_file is not None and state is None:
             module = _field(_load(self.plan.module_file), "module", self.plan.module_file)
             for n in unique:
                 ref = _field(module, n, self.plan.module_file)

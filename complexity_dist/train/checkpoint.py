@@ -431,20 +431,20 @@ class Checkpointer:
                 f"checkpoint {saved.path} is of another model ({'; '.join(diffs)}); use the checkpoint's "
                 f"model config, or a new train.run_dir to start a fresh run")
         old_world = saved.trainer_state["world_size"]
-        old_zero = saved.config["parallel"]["zero_stage"]
         old = {k: saved.config["parallel"].get(k, 1) for k in ("tp", "pp", "ep")}
         new = {k: getattr(cfg.parallel, k) for k in ("tp", "pp", "ep")}
-        if old != new or (max(new.values()) > 1 and old_world != world_size):
-            fmt = lambda d, w: " ".join(f"{k}={v}" for k, v in d.items()) + f" on {w} process(es)"  # noqa: E731
+        if max(old.values()) == 1 and max(new.values()) == 1:
+            return  # data parallel only: any ZeRO stage and size resumes (complexity_dist/train/reshard.py)
+        old_zero = saved.config["parallel"]["zero_stage"]
+        if old != new or old_world != world_size or old_zero != cfg.parallel.zero_stage:
+            fmt = lambda d, w, z: (" ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
+                                   + f" on {w} process(es) (zero_stage={z})")
             raise CheckpointMismatch(
-                f"checkpoint {saved.path} was written with the layout parallel.{fmt(old, old_world)}; this run "
-                f"has parallel.{fmt(new, world_size)}. Resume with the checkpoint's layout (its weights are "
-                f"sharded by it; resharding a checkpoint to another layout is not supported yet)")
-        if old_zero != cfg.parallel.zero_stage or (old_zero > 0 and old_world != world_size):
-            raise CheckpointMismatch(
-                f"checkpoint {saved.path} was written with parallel.zero_stage={old_zero} on {old_world} "
-                f"process(es); this run has zero_stage={cfg.parallel.zero_stage} on {world_size}. Resume with "
-                f"the same layout (ZeRO optimizer shards are per rank)")
+                f"checkpoint {saved.path} was written with the layout parallel.{fmt(old, old_world, old_zero)}; "
+                f"this run has parallel.{fmt(new, world_size, cfg.parallel.zero_stage)}. Resume a tensor/pipeline/"
+                f"expert-parallel checkpoint with its own layout: resharding is implemented for data-parallel "
+                f"layouts only (ZeRO stage, data-parallel size; complexity_dist/train/reshard.py says what "
+                f"tp/ep would need)")
 
     # --- writing (all ranks) -----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from complexity_dist.train.faults import (EXIT_DIVERGED, EXIT_NO_SPACE, EXIT_REQ
                                           NoSpaceLeft, PreemptionSignal, SkipGuard, TrainingDiverged)
 from complexity_dist.parallel.deepspeed_engine import build_engine, global_grad_norm
 from complexity_dist.train.evaluation import build_evaluator, check_heldout, training_shards
+from complexity_dist.train.reshard import load_resharded, needs_reshard, open_reader
 from complexity_dist.train.schedule import lr_at
 from complexity_dist.train.step import optimizer_step
 from complexity_dist.train.run_lock import check_run_dir, run_dir_lock
@@ -57,6 +58,8 @@ def preflight(cfg: Config, world: int) -> SavedRun | None:
         saved = checkpointer.latest()  # falls back past damaged checkpoints; refuses tampered ones
         if saved is not None:
             Checkpointer.check_compatible(saved, cfg, world)
+            if needs_reshard(saved, cfg, world):
+                open_reader(saved)  # a file the new layout cannot be planned from fails here, before any group
             print_notes(saved)
             if saved.step > cfg.train.steps:
                 raise CheckpointMismatch(
@@ -100,7 +103,10 @@ class Trainer:
         self.step, self.tokens_seen, self.skipped_total = 0, 0, 0
         loader_state = None
         if saved is not None:
-            rank_state = self.checkpointer.load(self.engine, saved)
+            if needs_reshard(saved, cfg, env.world_size):  # another ZeRO stage or data-parallel size
+                rank_state = load_resharded(self.engine, saved)
+            else:
+                rank_state = self.checkpointer.load(self.engine, saved)
             self.step = saved.trainer_state["step"]
             self.tokens_seen = saved.trainer_state["tokens_seen"]
             self.skipped_total = saved.trainer_state["skipped_total"]

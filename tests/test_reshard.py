@@ -1,0 +1,60 @@
+"""Resuming under another data-parallel layout (complexity_dist/train/reshard.py): weights, Adam moments, step
+and data position carry over, so the next steps equal the uninterrupted run's."""
+import json
+import shutil
+
+import pytest
+import torch
+from test_train import dataset, metrics, run, train_cmd  # noqa: F401  (dataset is a fixture)
+
+STEPS, SAVED = 6, 3
+COMMON = [f"train.steps={STEPS}", f"checkpoint.every={SAVED}", "checkpoint.keep_last=5", "train.micro_batch=1"]
+
+
+def _split_at(src, dst, step: int):
+    """A run directory holding only `src`'s checkpoint of `step`, as if the run had stopped there."""
+    tag = f"step_{step:08d}"
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / tag, dst / "checkpoints" / tag)
+    (dst / "checkpoints/latest").write_text(tag)
+    return dst
+
+
+@pytest.mark.parametrize("before,after", [((1, 2), (3, 1)), ((0, 1), (2, 2))], ids=["z1x2-to-z3x1", "z0x1-to-z2x2"])
+def test_resume_under_another_data_parallel_layout(tmp_path, dataset, before, after):  # noqa: F811
+    (z0, n0), (z1, n1) = before, after
+    run(train_cmd(tmp_path / "full", dataset, *COMMON, f"parallel.zero_stage={z0}", nproc=n0))
+    split = _split_at(tmp_path / "full", tmp_path / "split", SAVED)
+    proc = run(train_cmd(split, dataset, *COMMON, f"parallel.zero_stage={z1}", nproc=n1))
+    assert "Traceback" not in proc.stderr
+    full, resumed = metrics(tmp_path / "full"), metrics(split)
+    assert [r["step"] for r in resumed] == list(range(SAVED + 1, STEPS + 1))
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in resumed], dtype=torch.float64),
+                                   torch.tensor([r[key] for r in full[SAVED:]], dtype=torch.float64),
+                                   rtol=1e-6, atol=0, msg=lambda m: f"{key}: {m}")
+    assert resumed[-1]["tokens"] == full[-1]["tokens"]
+
+
+def test_model_parallel_change_and_damaged_optimizer_file_exit_2(tmp_path, dataset):  # noqa: F811
+    run(train_cmd(tmp_path / "full", dataset, *COMMON[1:], "train.steps=3", "parallel.zero_stage=1", nproc=2))
+    # a checkpoint that says it was written under ep=2: resuming under ep=1 is refused before any group
+    ep = _split_at(tmp_path / "full", tmp_path / "tp", SAVED)
+    step_dir = ep / f"checkpoints/step_{SAVED:08d}"
+    config = json.loads((step_dir / "config.json").read_text())
+    config["parallel"]["ep"] = 2
+    (step_dir / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"]["config.json"] = (step_dir / "config.json").stat().st_size
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    proc = run(train_cmd(ep, dataset, *COMMON, "parallel.zero_stage=3"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "parallel.tp=1 pp=1 ep=2 on 2 process(es) (zero_stage=1)" in proc.stderr, proc.stderr[-3000:]
+    assert "complexity_dist/train/reshard.py" in proc.stderr
+    # a truncated optimizer partition: exit 2 naming the file
+    damaged = _split_at(tmp_path / "full", tmp_path / "damaged", SAVED)
+    optim = damaged / f"checkpoints/step_{SAVED:08d}/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:4096])
+    proc = run(train_cmd(damaged, dataset, *COMMON, "parallel.zero_stage=3"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert str(optim) in proc.stderr, proc.stderr[-3000:]
