@@ -87,6 +87,7 @@ def build_engine(model: nn.Module, cfg: Config, layout: Layout, bf16: bool, mpu=
         # ZeRO wraps a stock torch AdamW (it refuses unknown optimizer classes) and does clip + skip itself
         fused = next(model.parameters()).is_cuda
         optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
+    # a PipelineModule brings its own groups (DeepSpeed refuses an mpu beside it)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                            config=deepspeed_config(cfg, layout, bf16), dist_init_required=False)
     return engine
