@@ -85,7 +85,7 @@ def test_train_refuses_bad_layouts_before_any_process_group(tmp_path, monkeypatc
              (2, ["parallel.pp=2"], "parallel.pp=2 with parallel.zero_stage=0"),
              (2, ["parallel.pp=2", "parallel.zero_stage=2"], "DeepSpeed's PipelineEngine refuses ZeRO 2 and 3"),
              (4, ["parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=1"],
-              "pipeline parallel combines with data parallelism only"),
+              "parallel.pp=2 with parallel.ep=2"),
              (2, ["parallel.tp=2"], "parallel.tp > 1 with parallel.zero_stage=0"),
              (2, ["parallel.ep=2", "parallel.zero_stage=3"], "DeepSpeed's ZeRO 3 refuses expert (MoE) parameters")]
     for world, overrides, needle in cases:

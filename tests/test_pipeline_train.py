@@ -6,6 +6,8 @@ into 2 stages, against a 1-process run on the same global batch.
     pp2        PP2, ZeRO 1, micro_batch 1: 4 micro-batches per step     parity; uninterrupted twin of pp2_split
     pp2_split  the same, preempted at step 3 and resumed                bit-exact resume from DeepSpeed's
                                                                         per-layer pipeline checkpoint
+    tp2pp2     4 processes: TP2 x PP2, ZeRO 1, micro_batch 1, preempted at 3 and resumed: parity before and
+               after the resume, weights unchanged by save and load
 
 Weights are dumped (COMPLEXITY_DIST_DUMP_WEIGHTS: rank 0 gathers every stage's parameters under the
 single-process names) at the start and after every step. mu_router straight_through and weight decay 0, so a
@@ -31,25 +33,28 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     preempt = {"COMPLEXITY_DIST_PREEMPT_AT": "3"}
     assert launch(root, "pp2_split", dataset, *PP2, env=preempt, check=False).returncode != 0
     launch(root, "pp2_split", dataset, *PP2, dump="w_resumed")
+    assert launch(root, "tp2pp2", dataset, *PP2, "parallel.tp=2", nproc=4, env=preempt, check=False).returncode != 0
+    launch(root, "tp2pp2", dataset, *PP2, "parallel.tp=2", nproc=4, dump="w_resumed")
     return root
 
 
-def test_pipeline_equals_one_process(runs):
-    got, want = metrics(runs / "pp2")[:3], metrics(runs / "ref")[:3]
+@pytest.mark.parametrize("name", ["pp2", "tp2pp2"])
+def test_pipeline_equals_one_process(runs, name):
+    got, want = metrics(runs / name)[:3], metrics(runs / "ref")[:3]
     assert [r["step"] for r in got] == [1, 2, 3]
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(torch.tensor([r[key] for r in got], dtype=torch.float64),
                                    torch.tensor([r[key] for r in want], dtype=torch.float64), **LOSS_TOL,
-                                   msg=lambda m: f"pp2 {key}: {m}")
+                                   msg=lambda m: f"{name} {key}: {m}")
     torch.testing.assert_close(torch.tensor(got[2]["val_loss"]), torch.tensor(want[2]["val_loss"]), **LOSS_TOL)
-    first, last = weights(runs, "pp2", 0), weights(runs, "pp2", 3)
+    first, last = weights(runs, name, 0), weights(runs, name, 3)
     ref_first, ref_last = weights(runs, "ref", 0), weights(runs, "ref", 3)
     assert first.keys() == ref_first.keys() and last.keys() == ref_last.keys()
     for k in ref_first:
-        assert torch.equal(first[k], ref_first[k]), f"pp2: initial {k} differs from one process"
-        torch.testing.assert_close(last[k], ref_last[k], **WEIGHT_TOL, msg=lambda m: f"pp2 {k}: {m}")
+        assert torch.equal(first[k], ref_first[k]), f"{name}: initial {k} differs from one process"
+        torch.testing.assert_close(last[k], ref_last[k], **WEIGHT_TOL, msg=lambda m: f"{name} {k}: {m}")
         # every parameter got a gradient, on both stages (with weight decay 0 a parameter moves only with one)
-        assert not torch.equal(last[k], first[k]), f"pp2: {k} never moved (no gradient)"
+        assert not torch.equal(last[k], first[k]), f"{name}: {k} never moved (no gradient)"
     # the tied embedding/lm_head: one tensor in the single-process model, equal on the first and last stage
     assert torch.equal(last["lm_head.weight"], last["model.embed_tokens.weight"])
 
@@ -70,6 +75,24 @@ def test_resume_from_the_pipeline_checkpoint_is_bit_exact(runs):
     resumed, uninterrupted = weights(runs, "pp2_split", STEPS, "w_resumed"), weights(runs, "pp2", STEPS)
     for k in uninterrupted:
         assert torch.equal(resumed[k], uninterrupted[k]), k
+
+
+def test_tensor_x_pipeline_resume(runs):
+    """TP2 x PP2: one layer file per layer and TP rank; the weights right after loading step 3 are the saved
+    ones bit for bit, and the steps after the resume still equal one process."""
+    names = {f.name for f in (runs / "tp2pp2/checkpoints/step_00000005").iterdir()}
+    assert {f"layer_{i:02d}-model_{m:02d}-model_states.pt" for i in range(4) for m in range(2)} <= names, names
+    before, after = weights(runs, "tp2pp2", 3), weights(runs, "tp2pp2", 3, "w_resumed")
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    rows, ref = metrics(runs / "tp2pp2"), metrics(runs / "ref")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in rows]), torch.tensor([r[key] for r in ref]),
+                                   **LOSS_TOL, msg=lambda m: f"{key}: {m}")
+    final, ref_final = weights(runs, "tp2pp2", STEPS, "w_resumed"), weights(runs, "ref", STEPS)
+    for k in ref_final:
+        torch.testing.assert_close(final[k], ref_final[k], **WEIGHT_TOL, msg=lambda m: f"{k}: {m}")
 
 
 def test_a_damaged_pipeline_checkpoint_is_found(runs, tmp_path):
@@ -94,8 +117,8 @@ def test_a_damaged_pipeline_checkpoint_is_found(runs, tmp_path):
     (2, ["parallel.pp=2", "parallel.zero_stage=3"], "parallel.pp=2 with parallel.zero_stage=3"),
     (2, ["parallel.pp=2", "parallel.zero_stage=0"], "parallel.pp=2 with parallel.zero_stage=0"),
     (3, ["parallel.pp=3", "parallel.zero_stage=1"], "parallel.pp=3 exceeds model.num_hidden_layers=2"),
-    (4, ["parallel.pp=2", "parallel.tp=2", "parallel.zero_stage=1"],
-     "pipeline parallel combines with data parallelism only"),
+    (4, ["parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=1"],
+     "parallel.pp=2 with parallel.ep=2: expert parallel inside pipeline stages is not done yet"),
 ])
 def test_bad_pipeline_layouts_exit_2_before_any_process_group(tmp_path, monkeypatch, capsys, dataset,  # noqa: F811
                                                                world, overrides, needle):

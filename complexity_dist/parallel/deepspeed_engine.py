@@ -51,7 +51,13 @@ def deepspeed_config(cfg: Config, layout: Layout, bf16: bool) -> dict:
     zero = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage >= 2:
         zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True})
+    pipeline = {}
+    if layout.pp > 1:
+        # DeepSpeed splits a boundary's activations over the TP ranks only when one tensor of it needs
+        # gradients; ours carries four (x, v, mu_prev, highway: complexity_dist/parallel/pipeline.py)
+        pipeline = {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}
     return {
+        **pipeline,
         "train_batch_size": cfg.train.global_batch,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,

@@ -44,9 +44,9 @@ def check_parallelize(cfg: Config) -> None:
                    "the stage-0 optimizer clips by a norm of this stage's parameters only")
             problems.append(f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage}: {why}; use "
                             f"parallel.zero_stage=1")
-        if p.tp > 1 or p.ep > 1:
-            problems.append(f"parallel.pp={p.pp} with parallel.tp={p.tp} / parallel.ep={p.ep}: pipeline parallel "
-                            f"combines with data parallelism only so far; set parallel.tp=1 and parallel.ep=1")
+        if p.ep > 1:
+            problems.append(f"parallel.pp={p.pp} with parallel.ep={p.ep}: expert parallel inside pipeline stages "
+                            f"is not done yet; set parallel.ep=1 (pp combines with tp and data parallelism)")
         if cfg.train.compile:
             problems.append(f"parallel.pp={p.pp} with train.compile=true is not verified; set train.compile=false")
     if p.tp > 1 or p.ep > 1:

@@ -185,10 +185,16 @@ def local_state_names(model, pipe_module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) in held}
 
 
-def full_state_dict(model, pipe_module, pp_group) -> dict[str, torch.Tensor]:
-    """The single-process state_dict gathered from every stage (collective over the pipeline group; tiny
-    models only: it travels as Python objects)."""
-    local = {k: v.detach().cpu().clone() for k, v in local_state_names(model, pipe_module).items()}
+def full_state_dict(model, pipe_module, pp_group, tp_group=None) -> dict[str, torch.Tensor]:
+    """The single-process state_dict gathered from every stage (collective over the pipeline group, and the
+    tensor-parallel group when there is one; tiny models only: it travels as Python objects)."""
+    names = local_state_names(model, pipe_module).keys()
+    if tp_group is not None:  # every rank holds all layers' shards (same seed), so the TP gather is uniform
+        from complexity_dist.parallel.tensor_parallel import full_state_dict as tp_full
+        state = tp_full(model)
+    else:
+        state = model.state_dict()
+    local = {k: state[k].detach().cpu().clone() for k in names}
     parts = [None] * dist.get_world_size(pp_group)
     dist.all_gather_object(parts, local, group=pp_group)
     state = {}

@@ -174,7 +174,7 @@ class Trainer:
             return
         if self.pipeline:
             from complexity_dist.parallel.pipeline import full_state_dict as pipeline_state
-            state = pipeline_state(self.full_model, self.engine.module, self.env.groups.pp_group)
+            state = pipeline_state(self.full_model, self.engine.module, self.env.groups.pp_group, self.plan.tp_group)
         else:
             state = full_state_dict(self.engine.module, self.plan)
         if self.env.is_main:
