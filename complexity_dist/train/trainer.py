@@ -88,7 +88,9 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and env.device.type == "cuda")
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-        model = ComplexityForCausalLM(cfg.model).to(env.device)
+        # under pp the full model stays in host memory: DeepSpeed's PipelineModule moves only this rank's stage
+        # to the device (the other stages' modules are never used here)
+        model = ComplexityForCausalLM(cfg.model).to(env.device if env.layout.pp == 1 else torch.device("cpu"))
         model.model.gradient_checkpointing = cfg.train.activation_checkpointing
         # the layout (tensor/sequence/expert parallel) applied to the plain model, before compile and engine
         self.plan = parallelize(model, cfg, env.groups)
