@@ -82,7 +82,10 @@ def test_train_refuses_bad_layouts_before_any_process_group(tmp_path, monkeypatc
              (30, ["parallel.pp=30"], "parallel.pp=30 exceeds model.num_hidden_layers=6"),
              (3, ["parallel.tp=2"], "world size 3 is not a multiple of parallel.tp * parallel.pp = 2 * 1 = 2"),
              # valid layouts the loop does not run (yet)
-             (2, ["parallel.pp=2"], "parallel.pp=2: pipeline parallelism is not wired into the training loop"),
+             (2, ["parallel.pp=2"], "parallel.pp=2 with parallel.zero_stage=0"),
+             (2, ["parallel.pp=2", "parallel.zero_stage=2"], "DeepSpeed's PipelineEngine refuses ZeRO 2 and 3"),
+             (4, ["parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=1"],
+              "parallel.pp=2 with parallel.ep=2"),
              (2, ["parallel.tp=2"], "parallel.tp > 1 with parallel.zero_stage=0"),
              (2, ["parallel.ep=2", "parallel.zero_stage=3"], "DeepSpeed's ZeRO 3 refuses expert (MoE) parameters")]
     for world, overrides, needle in cases:

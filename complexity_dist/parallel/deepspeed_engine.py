@@ -51,7 +51,13 @@ def deepspeed_config(cfg: Config, layout: Layout, bf16: bool) -> dict:
     zero = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage >= 2:
         zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True})
+    pipeline = {}
+    if layout.pp > 1:
+        # DeepSpeed splits a boundary's activations over the TP ranks only when one tensor of it needs
+        # gradients; ours carries four (x, v, mu_prev, highway: complexity_dist/parallel/pipeline.py)
+        pipeline = {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}
     return {
+        **pipeline,
         "train_batch_size": cfg.train.global_batch,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
@@ -87,6 +93,7 @@ def build_engine(model: nn.Module, cfg: Config, layout: Layout, bf16: bool, mpu=
         # ZeRO wraps a stock torch AdamW (it refuses unknown optimizer classes) and does clip + skip itself
         fused = next(model.parameters()).is_cuda
         optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
+    # a PipelineModule brings its own groups (DeepSpeed refuses an mpu beside it)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                            config=deepspeed_config(cfg, layout, bf16), dist_init_required=False)
     return engine

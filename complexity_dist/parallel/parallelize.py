@@ -16,9 +16,10 @@ It returns a `Parallelized` record that the engine and the checkpointer need: th
 optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weights on one rank.
 
 `check_parallelize(cfg)` refuses, before any process group exists, what this loop does not run (see its
-messages): pipeline parallelism, model parallelism with ZeRO 0 or 3, sequence parallel with expert parallel,
-and the model.linear_backend values that cannot run with the layout or on this machine (te on CPU or without
-Transformer Engine; megatron with tp=1, sequence parallel or train.compile).
+messages): pipeline parallelism other than with ZeRO 1 (and with expert parallel or compile), model parallelism
+with ZeRO 0 or 3, sequence parallel with expert parallel, and the model.linear_backend values that cannot run
+with the layout or on this machine (te on CPU or without Transformer Engine; megatron with tp=1, sequence
+parallel, pipeline parallel or train.compile).
 (TP2 with train.compile=true was run on CPU/gloo: 3 steps equal to one process within 2e-7; not checked on GPU.)
 """
 from __future__ import annotations
@@ -37,9 +38,22 @@ def check_parallelize(cfg: Config) -> None:
     config.layout_problems'). Every message names the setting and the fix."""
     p = cfg.parallel
     problems = []
-    if p.pp != 1:
-        problems.append(f"parallel.pp={p.pp}: pipeline parallelism is not wired into the training loop yet; set "
-                        f"parallel.pp=1 and use parallel.tp / parallel.ep / data parallelism")
+    if p.pp > 1:
+        # complexity_dist/parallel/pipeline.py: DeepSpeed's PipelineEngine, proven with ZeRO 1 on CPU/gloo
+        if p.zero_stage != 1:
+            why = ("DeepSpeed's PipelineEngine refuses ZeRO 2 and 3 (it needs whole gradients for its "
+                   "per-micro-batch backward)" if p.zero_stage >= 2 else
+                   "the stage-0 optimizer clips by a norm of this stage's parameters only")
+            problems.append(f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage}: {why}; use "
+                            f"parallel.zero_stage=1")
+        if p.ep > 1:
+            problems.append(f"parallel.pp={p.pp} with parallel.ep={p.ep}: expert parallel inside pipeline stages "
+                            f"is not done yet; set parallel.ep=1 (pp combines with tp and data parallelism)")
+        if cfg.train.compile:
+            problems.append(f"parallel.pp={p.pp} with train.compile=true is not verified; set train.compile=false")
+        if cfg.model.linear_backend != "torch":
+            problems.append(f"parallel.pp={p.pp} with model.linear_backend={cfg.model.linear_backend!r} is not "
+                            f"verified; set model.linear_backend=torch")
     if p.tp > 1 or p.ep > 1:
         what = " and ".join(x for x, on in (("parallel.tp", p.tp > 1), ("parallel.ep", p.ep > 1)) if on)
         if p.zero_stage == 0:

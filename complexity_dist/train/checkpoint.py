@@ -405,6 +405,15 @@ class Checkpointer:
                 for r in range(dp):
                     if not any(n.endswith(f"zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt") for n in names):
                         expected.append(f"zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt")
+        if int(parallel.get("pp", 1)) > 1:
+            # DeepSpeed's pipeline checkpoint: one file per pipe layer (complexity_dist/parallel/pipeline.py):
+            # embedding, decoder layers, final norm, and the untied lm_head (the tied head is the embedding's)
+            pipe_layers = int(config["model"]["num_hidden_layers"]) + 2 + \
+                (0 if config["model"].get("tie_word_embeddings", True) else 1)
+            # (with tp > 1 one per layer and tensor-parallel rank: DeepSpeed's "-model_XX" in the name)
+            tp = int(parallel.get("tp", 1))
+            expected += [f"layer_{i:02d}-model_{m:02d}-model_states.pt" if tp > 1 else f"layer_{i:02d}-model_states.pt"
+                         for i in range(pipe_layers) for m in range(tp)]
         for name in expected:
             if name not in names:
                 raise DamagedCheckpoint(f"{path / name} is missing")

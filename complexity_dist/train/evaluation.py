@@ -103,6 +103,8 @@ class Evaluator:
         # every evaluation starts the held-out order at its first sample: the same samples each time
         self.loader.load_state_dict({**self.loader.state_dict(), "next_sample": 0})
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of token losses, tokens)
+        if hasattr(engine, "eval_batch"):  # DeepSpeed's PipelineEngine: only its schedule runs the stages
+            return self._evaluate_pipeline()
         engine.eval()
         batches = iter(self.loader)
         try:
@@ -123,6 +125,20 @@ class Evaluator:
         dist.all_reduce(totals, group=self.dp_group)
         val_loss = (totals[0] / totals[1]).item()
         # (exp overflows past ~709; a NaN loss stays NaN)
+        return {"val_loss": val_loss, "val_ppl": float("inf") if val_loss > 700 else math.exp(val_loss)}
+
+
+    def _evaluate_pipeline(self) -> dict[str, float]:
+        """The mean of the micro-batches' mean losses, averaged over data-parallel ranks and broadcast from
+        the last stage by DeepSpeed: the token-weighted mean whenever every micro-batch has the same number of
+        target tokens (no ignore index in the held-out samples, as in prepared shards)."""
+        batches = iter(self.loader)
+        try:
+            pairs = ((b[:, :-1].to(self.device), b[:, 1:].to(self.device)) for b in batches)
+            loss = self.engine.eval_batch(pairs, num_micro_batches=self.micro_batches)
+        finally:
+            batches.close()
+        val_loss = float(loss)
         return {"val_loss": val_loss, "val_ppl": float("inf") if val_loss > 700 else math.exp(val_loss)}
 
 

@@ -91,13 +91,23 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and env.device.type == "cuda")
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-        model = ComplexityForCausalLM(cfg.model).to(env.device)
+        # under pp the full model stays in host memory: DeepSpeed's PipelineModule moves only this rank's stage
+        # to the device (the other stages' modules are never used here)
+        model = ComplexityForCausalLM(cfg.model).to(env.device if env.layout.pp == 1 else torch.device("cpu"))
         model.model.gradient_checkpointing = cfg.train.activation_checkpointing
         # the layout (tensor/sequence/expert parallel) applied to the plain model, before compile and engine
         self.plan = parallelize(model, cfg, env.groups)
         if cfg.train.compile:
             model.compile_layers()
-        self.engine = build_engine(model, cfg, env.layout, self.bf16, mpu=self.plan.mpu,
+        self.pipeline = env.layout.pp > 1
+        self.full_model, self._pipe_batches = model, None
+        if self.pipeline:
+            # DeepSpeed's PipelineModule over the same modules (complexity_dist/parallel/pipeline.py); its
+            # PipelineEngine brings its own groups (same rank order as megatron-core's, checked)
+            from complexity_dist.parallel.pipeline import build_pipeline_module, check_rank_order
+            model = build_pipeline_module(model, cfg, env.layout)
+            check_rank_order(model, env)
+        self.engine = build_engine(model, cfg, env.layout, self.bf16, mpu=None if self.pipeline else self.plan.mpu,
                                    expert_group_name=self.plan.expert_group_name)
         self.checkpointer = Checkpointer(cfg.train.run_dir, cfg.checkpoint.keep_last)
         self.step, self.tokens_seen, self.skipped_total = 0, 0, 0
@@ -132,6 +142,8 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm, skipped, lr,
         routed_override_frac)."""
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        if self.pipeline:
+            return self._pipeline_step(batches, lr)
         loss_sum = optimizer_step(self.engine, batches, self.env.layout.grad_accum, lr, self.env.device,
                                   poison=self.step + 1 in self.faults.nan_steps)
         skipped = not self.engine.was_step_applied()
@@ -139,6 +151,18 @@ class Trainer:
         dist.all_reduce(loss_sum, group=self.env.dp_group)  # tp/pp ranks of a replica hold the same loss
         mean_loss = loss_sum.item() / (self.env.layout.grad_accum * self.env.layout.dp)
         return mean_loss, grad_norm, skipped, lr, self._routed_override_frac()
+
+    def _pipeline_step(self, batches, lr: float) -> tuple[float, float, bool, float, float]:
+        """One optimizer step by DeepSpeed's 1F1B schedule over grad_accum micro-batches. train_batch returns
+        the loss averaged over micro-batches and data-parallel ranks, broadcast from the last stage."""
+        if self._pipe_batches is None:
+            device = self.env.device
+            self._pipe_batches = ((b[:, :-1].to(device), b[:, 1:].to(device)) for b in batches)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.engine.train_batch(data_iter=self._pipe_batches)
+        return (float(loss), global_grad_norm(self.engine), not self.engine.was_step_applied(), lr,
+                self._routed_override_frac())
 
     def _routed_override_frac(self) -> float:
         """Share of tokens the mu override moved off token_id % E in the last micro-batch: mean over layers,
@@ -156,7 +180,11 @@ class Trainer:
         out = os.environ.get("COMPLEXITY_DIST_DUMP_WEIGHTS")
         if not out:
             return
-        state = full_state_dict(self.engine.module, self.plan)
+        if self.pipeline:
+            from complexity_dist.parallel.pipeline import full_state_dict as pipeline_state
+            state = pipeline_state(self.full_model, self.engine.module, self.env.groups.pp_group, self.plan.tp_group)
+        else:
+            state = full_state_dict(self.engine.module, self.plan)
         if self.env.is_main:
             Path(out).mkdir(parents=True, exist_ok=True)
             torch.save(state, Path(out) / f"{tag}.pt")

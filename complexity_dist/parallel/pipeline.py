@@ -1,0 +1,203 @@
+"""Pipeline parallelism: the plain model cut into stages for DeepSpeed's PipelineModule / PipelineEngine.
+
+Why DeepSpeed's and not megatron-core's schedules: megatron-core's pipeline schedules allocate CUDA tensors
+and streams (shared/DESIGN.md, measured), while DeepSpeed's PipelineEngine runs its 1F1B schedule
+(`TrainSchedule`) with gloo on CPU as well as with NCCL on GPU, so the parity proof of this layout runs on
+the CPU machine.
+
+The stages are built from the SAME modules as the single-process model (no second copy of the math): every
+rank builds the full `ComplexityForCausalLM` with the same seed, and the pipe layers below hold references
+to its embedding, decoder layers, final norm and lm_head. The pipe layers are:
+
+    0            tied "embed" (embedding + lm_head)   input_ids -> (x, ids)
+    1..L         one per DecoderLayer                  (x, ids) | (x, v, mu_prev, highway, ids) -> 5-tuple
+    L+1          final norm                            5-tuple -> hidden
+    L+2          tied "embed", head forward            hidden -> logits;  loss = model.loss_fn(logits, targets)
+
+Stage boundaries carry tuples of tensors (x, v, mu_prev, highway, token ids). At layer 0 the single-process
+model passes v = mu_prev = highway = None; here layer 0 receives the 2-tuple (x, ids) instead and passes
+None itself, so it runs exactly the single-process code. Layer 0 always sits on stage 0 (every stage holds
+at least one decoder layer), so no None ever crosses a boundary. Rotary tables are recomputed by each
+layer (deterministic, cheap): as float tensors crossing a boundary DeepSpeed would mark them as needing
+gradients and send gradients back for them.
+
+Tied embedding/lm_head: DeepSpeed's TiedLayerSpec builds the tied module on the first and the last stage,
+broadcasts its weight from the first at start and after a load, and all-reduces its gradient over the
+first/last-stage group after every backward (`allreduce_tied_weight_gradients`); the copy on the last stage is
+marked `ds_pipe_replicated`, so the gradient norm counts it once.
+
+Stage boundaries follow `Layout.stage_layers` (config.py), not DeepSpeed's partition methods.
+
+ZeRO: DeepSpeed's PipelineEngine asserts ZeRO stage < 2 (gradients must stay whole for its per-micro-batch
+backward); stage 0 would clip with our optimizer by this stage's norm only. So pp > 1 runs with ZeRO 1
+(complexity_dist/parallel/parallelize.py check_parallelize refuses the rest).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from complexity_dist.config import Config, Layout
+from complexity_dist.model.layers import compute_dtype, rope_tables
+
+TIED_KEY = "embed"
+
+
+class EmbedPipe(nn.Module):
+    """The model's embedding and lm_head (one module, so one TiedLayerSpec ties them across stages)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed_tokens = model.model.embed_tokens
+        self.lm_head = model.lm_head  # its weight is embed_tokens.weight when tied
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.embed_tokens(input_ids), input_ids
+
+
+def head_forward(module: EmbedPipe, hidden: torch.Tensor) -> torch.Tensor:
+    return module.lm_head(hidden)
+
+
+class HeadPipe(nn.Module):
+    """The untied lm_head (model.tie_word_embeddings=false)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm_head = model.lm_head
+
+    def forward(self, hidden):
+        return self.lm_head(hidden)
+
+
+class EmbeddingOnlyPipe(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embed_tokens = model.model.embed_tokens
+
+    def forward(self, input_ids):
+        return self.embed_tokens(input_ids), input_ids
+
+
+class _ZeroGradTo(torch.autograd.Function):
+    """Returns `alive` unchanged and gives `dead` a zero gradient. The highway sum entering the last decoder
+    layer feeds only that layer's highway and mu_prev outputs, which nothing uses: its gradient is zero (None
+    in the single-process model), but DeepSpeed asserts that every float tensor a stage received has one."""
+
+    @staticmethod
+    def forward(ctx, alive, dead):
+        ctx.dead_shape, ctx.dead_dtype = dead.shape, dead.dtype
+        return alive.view_as(alive)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.zeros(ctx.dead_shape, dtype=ctx.dead_dtype, device=grad.device)
+
+
+class DecoderLayerPipe(nn.Module):
+    """One DecoderLayer of the model, taking and returning what a stage boundary carries."""
+
+    def __init__(self, model, index: int, gradient_checkpointing: bool):
+        super().__init__()
+        self.layer = model.model.layers[index]
+        self.is_last = index == len(model.model.layers) - 1
+        self.head_dim, self.rope_theta = model.model.head_dim, model.model.rope_theta
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def forward(self, inputs):
+        if len(inputs) == 2:  # layer 0: what the single-process model passes as None
+            x, ids = inputs
+            v = mu_prev = highway = None
+        else:
+            x, v, mu_prev, highway, ids = inputs
+        cos, sin = rope_tables(self.head_dim, 0, ids.shape[1], self.rope_theta, compute_dtype(x.dtype), x.device)
+        if self.gradient_checkpointing and self.training:
+            out = checkpoint(self.layer, x, v, mu_prev, highway, ids, cos, sin, use_reentrant=False)
+        else:
+            out = self.layer(x, v, mu_prev, highway, ids, cos, sin)
+        if self.is_last and highway is not None and highway.requires_grad:
+            out = (_ZeroGradTo.apply(out[0], highway), *out[1:])
+        return (*out, ids)
+
+
+class NormPipe(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.norm = model.model.norm
+
+    def forward(self, inputs):
+        return self.norm(inputs[0])
+
+
+def stage_bounds(layout: Layout) -> list[int]:
+    """DeepSpeed's `parts`: pipe layer index where each stage starts, then the total. Stage s holds decoder
+    layers layout.stage_layers(s); the embedding joins stage 0, the norm and head the last stage."""
+    n = layout.num_layers
+    parts = [0] + [1 + layout.stage_layers(s).start for s in range(1, layout.pp)] + [n + 3]
+    return parts
+
+
+def build_pipeline_module(model, cfg: Config, layout: Layout):
+    """The PipelineModule of `model` for this rank's stage (collective: every rank calls it)."""
+    import deepspeed
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
+
+    class StagedPipelineModule(PipelineModule):
+        # stage boundaries from our Layout (DeepSpeed's partition methods balance by other measures)
+        def _partition_layers(self, method="uniform"):
+            self.parts = stage_bounds(layout)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    # PipelineModule makes its groups through deepspeed.comm, which must wrap our (already made) process group
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    ckpt = cfg.train.activation_checkpointing
+    tied = cfg.model.tie_word_embeddings
+    specs = [TiedLayerSpec(TIED_KEY, EmbedPipe, model, tied_weight_attr=["embed_tokens.weight"]) if tied
+             else LayerSpec(EmbeddingOnlyPipe, model)]
+    specs += [LayerSpec(DecoderLayerPipe, model, i, ckpt) for i in range(layout.num_layers)]
+    specs.append(LayerSpec(NormPipe, model))
+    specs.append(TiedLayerSpec(TIED_KEY, EmbedPipe, model, forward_fn=head_forward,
+                               tied_weight_attr=["embed_tokens.weight"]) if tied else LayerSpec(HeadPipe, model))
+    # DeepSpeed's rank order (pipe, data[, model]) is megatron-core's (tp innermost, then dp, then pp):
+    # the trainer checks that both give this rank the same coordinates
+    topo = (PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp) if layout.tp > 1
+            else PipeDataParallelTopology(num_pp=layout.pp, num_dp=layout.dp))
+    return StagedPipelineModule(specs, topology=topo, loss_fn=model.loss_fn, partition_method="uniform")
+
+
+def check_rank_order(pipe_module, env) -> None:
+    """DeepSpeed's pipeline grid and megatron-core's groups must agree on this rank's coordinates (the data
+    loader reads by env.dp_rank; DeepSpeed reduces over its own groups)."""
+    grid = pipe_module._grid
+    coords = env.layout.coords(env.rank)
+    if (grid.get_stage_id(), grid.get_data_parallel_rank()) != (coords["pp"], coords["dp"]):
+        raise RuntimeError(f"rank {env.rank}: DeepSpeed's pipeline grid puts it at stage {grid.get_stage_id()}, "
+                           f"data-parallel rank {grid.get_data_parallel_rank()}; the layout at {coords}")
+
+
+def local_state_names(model, pipe_module) -> dict[str, torch.Tensor]:
+    """The single-process state_dict entries (today's names) whose tensors this rank's stage holds."""
+    held = {id(p) for p in pipe_module.parameters()}
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) in held}
+
+
+def full_state_dict(model, pipe_module, pp_group, tp_group=None) -> dict[str, torch.Tensor]:
+    """The single-process state_dict gathered from every stage (collective over the pipeline group, and the
+    tensor-parallel group when there is one; tiny models only: it travels as Python objects)."""
+    names = local_state_names(model, pipe_module).keys()
+    if tp_group is not None:  # every rank holds all layers' shards (same seed), so the TP gather is uniform
+        from complexity_dist.parallel.tensor_parallel import full_state_dict as tp_full
+        state = tp_full(model)
+    else:
+        state = model.state_dict()
+    local = {k: state[k].detach().cpu().clone() for k in names}
+    parts = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(parts, local, group=pp_group)
+    state = {}
+    for part in parts:
+        state.update(part)
+    return {k: state[k] for k in model.state_dict()}

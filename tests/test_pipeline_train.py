@@ -1,0 +1,139 @@
+"""Pipeline parallelism in the training loop (issue 7 item 4), proven equal to one process: `complexity-dist
+train` under torchrun with gloo on CPU, DeepSpeed's PipelineEngine (1F1B), the tiny 2-layer fp32 model split
+into 2 stages, against a 1-process run on the same global batch.
+
+    ref        1 process, ZeRO 1, micro_batch 4 (no accumulation)       the reference (5 steps)
+    pp2        PP2, ZeRO 1, micro_batch 1: 4 micro-batches per step     parity; uninterrupted twin of pp2_split
+    pp2_split  the same, preempted at step 3 and resumed                bit-exact resume from DeepSpeed's
+                                                                        per-layer pipeline checkpoint
+    tp2pp2     4 processes: TP2 x PP2, ZeRO 1, micro_batch 1, preempted at 3 and resumed: parity before and
+               after the resume, weights unchanged by save and load
+
+Weights are dumped (COMPLEXITY_DIST_DUMP_WEIGHTS: rank 0 gathers every stage's parameters under the
+single-process names) at the start and after every step. mu_router straight_through and weight decay 0, so a
+parameter that moved got a gradient.
+"""
+import json
+
+import pytest
+import torch
+
+from test_parallel_train import LOSS_TOL, WEIGHT_TOL, launch, weights
+from test_train import ROOT, dataset, metrics, run, train_cmd  # noqa: F401  (dataset is a fixture)
+
+STEPS = 5
+PP2 = ["parallel.pp=2", "train.micro_batch=1", f"train.steps={STEPS}"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, dataset):  # noqa: F811
+    root = tmp_path_factory.mktemp("pipeline-train")
+    launch(root, "ref", dataset, nproc=1)
+    launch(root, "pp2", dataset, *PP2)
+    preempt = {"COMPLEXITY_DIST_PREEMPT_AT": "3"}
+    assert launch(root, "pp2_split", dataset, *PP2, env=preempt, check=False).returncode != 0
+    launch(root, "pp2_split", dataset, *PP2, dump="w_resumed")
+    assert launch(root, "tp2pp2", dataset, *PP2, "parallel.tp=2", nproc=4, env=preempt, check=False).returncode != 0
+    launch(root, "tp2pp2", dataset, *PP2, "parallel.tp=2", nproc=4, dump="w_resumed")
+    return root
+
+
+@pytest.mark.parametrize("name", ["pp2", "tp2pp2"])
+def test_pipeline_equals_one_process(runs, name):
+    got, want = metrics(runs / name)[:3], metrics(runs / "ref")[:3]
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in got], dtype=torch.float64),
+                                   torch.tensor([r[key] for r in want], dtype=torch.float64), **LOSS_TOL,
+                                   msg=lambda m: f"{name} {key}: {m}")
+    torch.testing.assert_close(torch.tensor(got[2]["val_loss"]), torch.tensor(want[2]["val_loss"]), **LOSS_TOL)
+    first, last = weights(runs, name, 0), weights(runs, name, 3)
+    ref_first, ref_last = weights(runs, "ref", 0), weights(runs, "ref", 3)
+    assert first.keys() == ref_first.keys() and last.keys() == ref_last.keys()
+    for k in ref_first:
+        assert torch.equal(first[k], ref_first[k]), f"{name}: initial {k} differs from one process"
+        torch.testing.assert_close(last[k], ref_last[k], **WEIGHT_TOL, msg=lambda m: f"{name} {k}: {m}")
+        # every parameter got a gradient, on both stages (with weight decay 0 a parameter moves only with one)
+        assert not torch.equal(last[k], first[k]), f"{name}: {k} never moved (no gradient)"
+    # the tied embedding/lm_head: one tensor in the single-process model, equal on the first and last stage
+    assert torch.equal(last["lm_head.weight"], last["model.embed_tokens.weight"])
+
+
+def test_resume_from_the_pipeline_checkpoint_is_bit_exact(runs):
+    full, split = metrics(runs / "pp2"), metrics(runs / "pp2_split")
+    assert [r["step"] for r in split] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert [r.get(key) for r in split] == [r.get(key) for r in full], key
+    ckpt = runs / "pp2_split/checkpoints/step_00000003"
+    names = {f.name for f in ckpt.iterdir()}
+    # DeepSpeed's per-layer files: embedding, 2 decoder layers, final norm (the tied head is the embedding's)
+    assert {f"layer_{i:02d}-model_states.pt" for i in range(4)} <= names, names
+    assert json.loads((ckpt / "manifest.json").read_text())["files"].keys() >= {"layer_00-model_states.pt"}
+    before, after = weights(runs, "pp2_split", 3), weights(runs, "pp2_split", 3, "w_resumed")
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} changed by save and load"
+    resumed, uninterrupted = weights(runs, "pp2_split", STEPS, "w_resumed"), weights(runs, "pp2", STEPS)
+    for k in uninterrupted:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
+
+
+def test_tensor_x_pipeline_resume(runs):
+    """TP2 x PP2: one layer file per layer and TP rank; the weights right after loading step 3 are the saved
+    ones bit for bit, and the steps after the resume still equal one process."""
+    names = {f.name for f in (runs / "tp2pp2/checkpoints/step_00000005").iterdir()}
+    assert {f"layer_{i:02d}-model_{m:02d}-model_states.pt" for i in range(4) for m in range(2)} <= names, names
+    before, after = weights(runs, "tp2pp2", 3), weights(runs, "tp2pp2", 3, "w_resumed")
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    rows, ref = metrics(runs / "tp2pp2"), metrics(runs / "ref")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in rows]), torch.tensor([r[key] for r in ref]),
+                                   **LOSS_TOL, msg=lambda m: f"{key}: {m}")
+    final, ref_final = weights(runs, "tp2pp2", STEPS, "w_resumed"), weights(runs, "ref", STEPS)
+    for k in ref_final:
+        torch.testing.assert_close(final[k], ref_final[k], **WEIGHT_TOL, msg=lambda m: f"{k}: {m}")
+
+
+def test_a_damaged_pipeline_checkpoint_is_found(runs, tmp_path):
+    """inspect() expects every per-layer file: a missing one is damage, not a silent partial load."""
+    import shutil
+
+    from complexity_dist.train.checkpoint import Checkpointer, DamagedCheckpoint
+
+    src = runs / "pp2_split/checkpoints/step_00000003"
+    copy = tmp_path / "checkpoints/step_00000003"
+    shutil.copytree(src, copy)
+    (copy / "manifest.json").unlink()  # the file-name check, not the manifest's sizes
+    Checkpointer(tmp_path, keep_last=3).inspect(copy)
+    (copy / "layer_02-model_states.pt").unlink()
+    with pytest.raises(DamagedCheckpoint, match="layer_02-model_states.pt is missing"):
+        Checkpointer(tmp_path, keep_last=3).inspect(copy)
+
+
+@pytest.mark.parametrize("world, overrides, needle", [
+    (2, ["parallel.pp=2", "parallel.zero_stage=2"], "parallel.pp=2 with parallel.zero_stage=2: DeepSpeed's "
+                                                   "PipelineEngine refuses ZeRO 2 and 3"),
+    (2, ["parallel.pp=2", "parallel.zero_stage=3"], "parallel.pp=2 with parallel.zero_stage=3"),
+    (2, ["parallel.pp=2", "parallel.zero_stage=0"], "parallel.pp=2 with parallel.zero_stage=0"),
+    (3, ["parallel.pp=3", "parallel.zero_stage=1"], "parallel.pp=3 exceeds model.num_hidden_layers=2"),
+    (4, ["parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=1"],
+     "parallel.pp=2 with parallel.ep=2: expert parallel inside pipeline stages is not done yet"),
+])
+def test_bad_pipeline_layouts_exit_2_before_any_process_group(tmp_path, monkeypatch, capsys, dataset,  # noqa: F811
+                                                               world, overrides, needle):
+    import torch.distributed as dist
+
+    from complexity_dist.cli import main
+    from test_train import SMALL
+
+    def no_group(*a, **k):
+        raise AssertionError("a process group was created for a layout that cannot run")
+    monkeypatch.setattr(dist, "init_process_group", no_group)
+    monkeypatch.setattr("complexity_dist.parallel.distributed.build_groups", no_group)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", str(ROOT / "configs/tiny.yaml"), *SMALL, f"train.run_dir={tmp_path}/r",
+                 f"data.path={dataset}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
