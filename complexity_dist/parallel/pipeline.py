@@ -1,7 +1,7 @@
 """Pipeline parallelism: the plain model cut into stages for DeepSpeed's PipelineModule / PipelineEngine.
 
 Why DeepSpeed's and not megatron-core's schedules: megatron-core's pipeline schedules allocate CUDA tensors
-and streams (shared/DESIGN.md, measured), while DeepSpeed's PipelineEngine runs its 1F1B schedule
+and streams (measured with megatron-core 0.16.1 on CPU), while DeepSpeed's PipelineEngine runs its 1F1B schedule
 (`TrainSchedule`) with gloo on CPU as well as with NCCL on GPU, so the parity proof of this layout runs on
 the CPU machine.
 
