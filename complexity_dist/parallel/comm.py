@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 
 
-def _size(group) -> int:
+def group_size(group) -> int:
+    """Processes in `group`; None is a world of one (not torch.distributed's default group)."""
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _rank(group) -> int:
+def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
@@ -34,17 +35,17 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    parts = [torch.empty_like(x.contiguous()) for _ in range(_size(group))]
+def all_gather_cat(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    parts = [torch.empty_like(x.contiguous()) for _ in range(group_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
 
 
 def _slice(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    n = _size(group)
+    n = group_size(group)
     if x.shape[dim] % n:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {n} ranks")
-    return x.chunk(n, dim=dim)[_rank(group)].contiguous()
+    return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -77,7 +78,7 @@ class _GatherFrom(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
+        return all_gather_cat(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
@@ -92,7 +93,7 @@ class _ScatterTo(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
+        return all_gather_cat(grad, ctx.group, ctx.dim), None, None
 
 
 class _ReduceScatterTo(torch.autograd.Function):
@@ -103,14 +104,14 @@ class _ReduceScatterTo(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
+        return all_gather_cat(grad, ctx.group, ctx.dim), None, None
 
 
 class _GatherToFull(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
+        return all_gather_cat(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
@@ -135,29 +136,29 @@ class _AllToAll(torch.autograd.Function):
 
 
 def copy_to(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _size(group) == 1 else _CopyTo.apply(x, group)
+    return x if group_size(group) == 1 else _CopyTo.apply(x, group)
 
 
 def reduce_from(x: torch.Tensor, group) -> torch.Tensor:
-    return x if _size(group) == 1 else _ReduceFrom.apply(x, group)
+    return x if group_size(group) == 1 else _ReduceFrom.apply(x, group)
 
 
 def gather_from(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    return x if _size(group) == 1 else _GatherFrom.apply(x, group, dim)
+    return x if group_size(group) == 1 else _GatherFrom.apply(x, group, dim)
 
 
 def scatter_to(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    return x if _size(group) == 1 else _ScatterTo.apply(x, group, dim)
+    return x if group_size(group) == 1 else _ScatterTo.apply(x, group, dim)
 
 
 def reduce_scatter_to(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    return x if _size(group) == 1 else _ReduceScatterTo.apply(x, group, dim)
+    return x if group_size(group) == 1 else _ReduceScatterTo.apply(x, group, dim)
 
 
 def gather_to_full(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    return x if _size(group) == 1 else _GatherToFull.apply(x, group, dim)
+    return x if group_size(group) == 1 else _GatherToFull.apply(x, group, dim)
 
 
 def all_to_all(x: torch.Tensor, group, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
     """Rows x[sum(send_splits[:j]) : ...] go to rank j of `group`; returns the rows received, rank by rank."""
-    return x if _size(group) == 1 else _AllToAll.apply(x, group, list(send_splits), list(recv_splits))
+    return x if group_size(group) == 1 else _AllToAll.apply(x, group, list(send_splits), list(recv_splits))

@@ -27,17 +27,9 @@ import torch.distributed as dist
 from torch import nn
 
 from complexity_dist.model.experts import TokenRoutedMLP, grouped_expert_forward
-from complexity_dist.parallel.comm import all_to_all
+from complexity_dist.parallel.comm import all_to_all, group_rank, group_size
 
 EXPERT_GROUP_NAME = "ep_size_{ep}"  # DeepSpeed's own naming of expert groups (deepspeed/moe/layer.py)
-
-
-def _size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
 
 
 def local_experts(num_experts: int, ep: int, rank: int) -> list[int]:
@@ -58,7 +50,7 @@ class RoutePlan:
 
 def build_plan(expert: torch.Tensor, num_experts: int, group) -> RoutePlan:
     """expert: [T] global expert per token (the same call on every rank of `group`: it communicates)."""
-    ep = _size(group)
+    ep = group_size(group)
     per_rank = num_experts // ep
     # expert e -> rank e % ep, local row e // ep; key = rank-major position in a [ep, per_rank] table
     key = torch.remainder(expert, ep) * per_rank + torch.div(expert, ep, rounding_mode="floor")
@@ -110,7 +102,7 @@ def _expert_parallel_compute(self: TokenRoutedMLP, x: torch.Tensor, expert: torc
     group, cache, E = self._ep_group, self._ep_cache, self.num_experts
     base = torch.remainder(self._ep_token_ids.reshape(-1), E)
     moved = (expert != base).sum()
-    if _size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(moved, group=group)  # every rank must take the same branch: split sizes must match
     plan = cache.base_plan(self._ep_token_ids, E, group) if int(moved) == 0 else cache.build(expert, E, group)
     received = all_to_all(x.index_select(0, plan.order), group, plan.send_splits, plan.recv_splits)
@@ -130,7 +122,7 @@ def apply_expert_parallel(model: nn.Module, ep_group) -> PlanCache:
     """Shard every TokenRoutedMLP of `model` (built identically on every rank) over `ep_group` in place.
     Returns the plan cache the layers share. Parameter names are unchanged; gate_up_proj/down_proj hold
     this rank's experts `local_experts(E, ep, rank)` as rows (recorded on the module as `local_experts`)."""
-    ep, rank = _size(ep_group), _rank(ep_group)
+    ep, rank = group_size(ep_group), group_rank(ep_group)
     cache = PlanCache()
     for module in expert_modules(model):
         E = module.num_experts
@@ -204,7 +196,7 @@ def enable_deepspeed_expert_reduction(model: nn.Module, ep_group, expert_dp_grou
         def forward(self, *args, **kwargs):
             raise RuntimeError("the expert-parallel marker is not a layer")
 
-    ep = _size(ep_group)
+    ep = group_size(ep_group)
     group_name = EXPERT_GROUP_NAME.format(ep=ep)
     mark_expert_parameters(model, group_name)
     register_expert_groups(group_name, ep_group, expert_dp_group)

@@ -70,7 +70,7 @@ from torch import nn
 
 from complexity_dist.config import ConfigError, ModelConfig
 from complexity_dist.model.layers import compute_dtype
-from complexity_dist.parallel.comm import _all_gather, _rank, _size, copy_to, gather_to_full, reduce_from, \
+from complexity_dist.parallel.comm import all_gather_cat, copy_to, gather_to_full, group_rank, group_size, reduce_from, \
     reduce_scatter_to
 
 
@@ -122,7 +122,7 @@ class VocabParallelEmbedding(nn.Embedding):
     A subclass of nn.Embedding so the checkpoint name (`weight`) and the model's initialisation stay."""
 
     def __init__(self, full: nn.Embedding, group, sequence_parallel: bool):
-        tp, r = _size(group), _rank(group)
+        tp, r = group_size(group), group_rank(group)
         local_rows = full.num_embeddings // tp
         super().__init__(local_rows, full.embedding_dim, device=full.weight.device, dtype=full.weight.dtype)
         self.weight = _shard(full.weight, tp, r, ShardSpec(0))
@@ -150,11 +150,11 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gr
     vocab_local = logits.shape[-1]
     with torch.no_grad():
         row_max = logits.max(dim=-1).values
-        if _size(group) > 1:
+        if group_size(group) > 1:
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
     shifted = logits - row_max.unsqueeze(-1)
     sum_exp = reduce_from(shifted.exp().sum(dim=-1), group)
-    local = targets - _rank(group) * vocab_local
+    local = targets - group_rank(group) * vocab_local
     inside = (local >= 0) & (local < vocab_local)
     target_logit = shifted.gather(1, local.clamp(0, vocab_local - 1).unsqueeze(1)).squeeze(1)
     target_logit = reduce_from(torch.where(inside, target_logit, torch.zeros_like(target_logit)), group)
@@ -204,7 +204,7 @@ class _MegatronLinears:
         self.group, self.layers = group, layers
         # CPU allocation of a placeholder that the shard replaces (no init, no CUDA); the fused wgrad GEMM
         # needs apex
-        self.config = ModelParallelConfig(tensor_model_parallel_size=_size(group), sequence_parallel=False,
+        self.config = ModelParallelConfig(tensor_model_parallel_size=group_size(group), sequence_parallel=False,
                                           use_cpu_initialization=True, perform_initialization=False,
                                           gradient_accumulation_fusion=False, params_dtype=dtype)
         self.row_cls, self.column_cls = _megatron_classes(layers)
@@ -212,7 +212,7 @@ class _MegatronLinears:
     def row(self, full: nn.Linear) -> nn.Module:
         mod = self.row_cls(full.in_features, full.out_features, config=self.config, init_method=nn.init.zeros_,
                            bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=self.group)
-        mod.weight = _shard(full.weight, _size(self.group), _rank(self.group), ShardSpec(1))
+        mod.weight = _shard(full.weight, group_size(self.group), group_rank(self.group), ShardSpec(1))
         return mod
 
     def column(self, full: nn.Linear, weight: nn.Parameter) -> nn.Module:
@@ -272,7 +272,7 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
         raise ValueError(f"apply_tensor_parallel: backend={backend!r}, expected one of {BACKENDS}")
     if backend == "megatron" and sequence_parallel:
         raise ConfigError(MEGATRON_SP_REFUSAL)
-    tp, r = _size(tp_group), _rank(tp_group)
+    tp, r = group_size(tp_group), group_rank(tp_group)
     cfg = model.config
     check_tensor_parallel(cfg, tp, sequence_parallel)
     if tp == 1:
@@ -347,7 +347,7 @@ def _tp_experts(compute, group, sequence_parallel: bool):
     def wrapped(x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         if sequence_parallel:
             # the flattened tokens of every rank, rank after rank; reduce_scatter_to gives each its own back
-            out = compute(gather_to_full(x, group, dim=0), _all_gather(expert, group, dim=0))
+            out = compute(gather_to_full(x, group, dim=0), all_gather_cat(expert, group, dim=0))
             return reduce_scatter_to(out, group, dim=0)
         return reduce_from(compute(copy_to(x, group), expert), group)
     return wrapped
@@ -359,8 +359,8 @@ def _gather(t: torch.Tensor, spec: ShardSpec | None, group) -> torch.Tensor:
     t = t.detach()
     if spec.halves:
         gate, up = t.chunk(2, dim=spec.dim)
-        return torch.cat([_all_gather(gate, group, spec.dim), _all_gather(up, group, spec.dim)], dim=spec.dim)
-    return _all_gather(t, group, spec.dim)
+        return torch.cat([all_gather_cat(gate, group, spec.dim), all_gather_cat(up, group, spec.dim)], dim=spec.dim)
+    return all_gather_cat(t, group, spec.dim)
 
 
 def gather_full(model: nn.Module, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
