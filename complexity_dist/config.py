@@ -47,9 +47,9 @@ class ModelConfig:
     pad_token_id: int = 1
     bos_token_id: int = 2
     eos_token_id: int = 0
-    # which implementation runs the tensor-parallel projections (complexity_dist/parallel/tensor_parallel.py):
+    # which implementation runs the projections (complexity_dist/parallel/tensor_parallel.py, te_backend.py):
     # "torch" (plain parameters and F.linear), "megatron" (megatron-core's tensor-parallel linears, needs
-    # parallel.tp > 1), "te" (Transformer Engine: refused, see parallelize.check_parallelize)
+    # parallel.tp > 1), "te" (Transformer Engine's Linear; CUDA only; train.fp8 needs it)
     linear_backend: str = "torch"
 
     @property
@@ -161,6 +161,9 @@ class TrainConfig:
     max_consecutive_skips: int = 5
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer (fuses the norm/dynamics/SwiGLU elementwise work)
+    # FP8 GEMMs of the projections (model.linear_backend=te): none | delayed | current scaling
+    # (complexity_dist/parallel/te_backend.py)
+    fp8: str = "none"
     eval_every: int = 0  # steps between validation-loss evaluations (and at the last step); 0 = never
     eval_batches: int = 10  # global batches of held-out samples per evaluation (the same samples every time)
     # one run per run_dir, enforced by rank 0 holding <run_dir>/.lock (flock); false only for a file system
@@ -173,6 +176,7 @@ class TrainConfig:
         _require(self.global_batch >= 1, f"train.global_batch={self.global_batch} must be >= 1")
         _require(self.micro_batch >= 0, f"train.micro_batch={self.micro_batch} must be >= 0 (0 = automatic)")
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _choice("train.fp8", self.fp8, ("none", "delayed", "current"))
         _require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
         _require(self.max_consecutive_skips >= 1,
                  f"train.max_consecutive_skips={self.max_consecutive_skips} must be >= 1")

@@ -1,27 +1,43 @@
 #!/usr/bin/env bash
-# Data-parallel scaling of one preset on this node: the same training command on 1 GPU, then on N GPUs, same
-# global batch; prints the median tokens/s of the last steps from each run's metrics.jsonl.
+# Scaling of one preset on this node: the same training command on 1 GPU, then on N GPUs under each layout,
+# same global batch; prints the median tokens/s of the last steps from each run's metrics.jsonl and the
+# scaling efficiency (N-GPU tokens/s over N x one GPU's).
 #   tools/scaling.sh configs/pretrain_1b.yaml 2 [section.key=value ...]
+#   LAYOUTS="dp;parallel.ep=2;parallel.tp=2 parallel.sequence_parallel=true" tools/scaling.sh ...
+# LAYOUTS: ';'-separated override sets for the N-GPU runs ("dp" = data parallel only, the default).
 set -euo pipefail
 config=$1; n=$2; shift 2
 out=${OUT:-runs/scaling}
-for nproc in 1 "$n"; do
-  run_dir="$out/dp$nproc"
-  rm -rf "$run_dir"
+mkdir -p "$out"
+IFS=';' read -r -a layouts <<< "${LAYOUTS:-dp}"
+names=(gpu1)
+launch() {  # name nproc overrides...
+  local name=$1 nproc=$2; shift 2
+  rm -rf "$out/$name"
   torchrun --standalone --nproc-per-node "$nproc" -m complexity_dist train "$config" \
-    train.run_dir="$run_dir" tracking.enabled=false checkpoint.enabled=false "$@" > "$out/dp$nproc.log" 2>&1 \
-    || { tail -30 "$out/dp$nproc.log"; exit 1; }
+    train.run_dir="$out/$name" tracking.enabled=false checkpoint.enabled=false "$@" > "$out/$name.log" 2>&1 \
+    || { tail -30 "$out/$name.log"; exit 1; }
+}
+launch gpu1 1 "$@"
+for layout in "${layouts[@]}"; do
+  name=$(echo "gpu$n $layout" | tr -c 'A-Za-z0-9=_.\n' '_' | sed 's/parallel\.//g')
+  # shellcheck disable=SC2086  # a layout is several overrides
+  launch "$name" "$n" "$@" $([[ $layout == dp ]] || echo "$layout")
+  names+=("$name")
 done
-python - "$out" "$n" <<'PY'
+python - "$out" "$n" "${names[@]}" <<'PY'
 import json, statistics, sys
-out, n = sys.argv[1], int(sys.argv[2])
-rates = {}
-for nproc in (1, n):
-    rows = [json.loads(l) for l in open(f"{out}/dp{nproc}/metrics.jsonl")]
+out, n, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+base = None
+for name in names:
+    rows = [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
     last = rows[len(rows) // 3:]  # past compilation and warm-up
     tps = statistics.median((b["tokens"] - a["tokens"]) / b["step_time_s"] for a, b in zip(last, last[1:]))
-    rates[nproc] = tps
-    print(f"{nproc} GPU(s): {tps:,.0f} tokens/s ({tps / nproc:,.0f} per GPU), steps {last[0]['step']}-{rows[-1]['step']}, "
-          f"final loss {rows[-1]['loss']:.5f}, peak {rows[-1].get('peak_mem_gib', float('nan')):.1f} GiB")
-print(f"scaling efficiency {rates[n] / (n * rates[1]):.1%} of {n} x one GPU")
+    mfu = statistics.median((r.get("mfu") or float("nan")) for r in last)
+    gpus = 1 if name == "gpu1" else n
+    base = base or tps
+    eff = "" if gpus == 1 else f", scaling {tps / (n * base):.1%} of {n} x one GPU"
+    print(f"{name}: {tps:,.0f} tokens/s ({tps / gpus:,.0f} per GPU), MFU {mfu:.1%}, steps "
+          f"{last[0]['step']}-{rows[-1]['step']}, final loss {rows[-1]['loss']:.5f}, peak "
+          f"{rows[-1].get('peak_mem_gib', float('nan')):.1f} GiB{eff}")
 PY

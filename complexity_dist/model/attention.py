@@ -41,17 +41,18 @@ class MuGuidedAttention(nn.Module):
             w = torch.cat([w, w_mu], dim=1)
         return w
 
-    def project_qkv(self, inp: torch.Tensor) -> torch.Tensor:
-        """The one GEMM of [n, mu_prev] against the stacked weights. The seam of a tensor-parallel linear
-        backend: complexity_dist/parallel/tensor_parallel.py sets an instance attribute of the same name."""
+    def project_qkv(self, n: torch.Tensor, mu_prev: torch.Tensor | None) -> torch.Tensor:
+        """[q | k | v]: the one GEMM of [n, mu_prev] against the stacked weights (mu_prev is None at layer 0).
+        The seam of a linear backend: complexity_dist/parallel/tensor_parallel.py and te_backend.py set an
+        instance attribute of the same name."""
+        inp = torch.cat([n, mu_prev], dim=-1) if self.has_mu else n
         return F.linear(inp, self.qkv_weight())
 
     def forward(self, n: torch.Tensor, mu_prev: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 cache: "LayerKVCache | None" = None) -> torch.Tensor:
         B, S, _ = n.shape
         d = self.head_dim
-        inp = torch.cat([n, mu_prev], dim=-1) if self.has_mu else n
-        qkv = self.project_qkv(inp)
+        qkv = self.project_qkv(n, mu_prev if self.has_mu else None)
         # local head counts come from the weights, so a tensor-parallel shard runs the same code
         nq, nkv = self.q_proj.weight.shape[0] // d, self.k_proj.weight.shape[0] // d
         q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)

@@ -10,7 +10,9 @@ every rank) and applies, in this order:
    parameter `tensor_model_parallel = True`: DeepSpeed's gradient-norm clipping (`is_model_parallel_parameter`)
    then sums sharded parameters over the model-parallel group and counts a replicated one only once;
 3. tells DeepSpeed which parameters are expert parameters (reduced and ZeRO-partitioned over the
-   expert-data-parallel group).
+   expert-data-parallel group);
+4. with model.linear_backend=te, hands the (sharded) dense projections to Transformer Engine's Linear and, with
+   train.fp8, runs the decoder under FP8 autocast (complexity_dist/parallel/te_backend.py).
 
 It returns a `Parallelized` record that the engine and the checkpointer need: the expert group name (the
 optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weights on one rank.
@@ -18,8 +20,9 @@ optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weig
 `check_parallelize(cfg)` refuses, before any process group exists, what this loop does not run (see its
 messages): pipeline parallelism other than with ZeRO 1 (and with expert parallel or compile), model parallelism
 with ZeRO 0 or 3, sequence parallel with expert parallel, and the model.linear_backend values that cannot run
-with the layout or on this machine (te on CPU or without Transformer Engine; megatron with tp=1, sequence
-parallel, pipeline parallel or train.compile).
+with the layout or on this machine (te on CPU or without Transformer Engine, FP8 on a GPU without it or with
+sizes not divisible by 16, FP8 with activation checkpointing; megatron with tp=1, sequence parallel, pipeline
+parallel or train.compile; train.fp8 without te).
 (TP2 with train.compile=true was run on CPU/gloo: 3 steps equal to one process within 2e-7; not checked on GPU.)
 """
 from __future__ import annotations
@@ -83,8 +86,11 @@ def linear_backend_problems(cfg: Config) -> list[str]:
     backend, p = cfg.model.linear_backend, cfg.parallel
     problems = []
     if backend == "te":
-        problems.append("model.linear_backend=te: " + _te_unavailable())
-    elif backend == "megatron":
+        problems += _te_problems(cfg)
+    elif cfg.train.fp8 != "none":
+        problems.append(f"train.fp8={cfg.train.fp8} runs the projections through Transformer Engine and needs "
+                        f"model.linear_backend=te (it is {backend!r}); set model.linear_backend=te or train.fp8=none")
+    if backend == "megatron":
         if p.tp == 1:
             problems.append("model.linear_backend=megatron replaces the tensor-parallel linears and needs "
                             "parallel.tp > 1; with parallel.tp=1 use model.linear_backend=torch (the same GEMMs)")
@@ -97,19 +103,31 @@ def linear_backend_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def _te_unavailable() -> str:
-    """Why the Transformer Engine backend cannot run here."""
-    if not torch.cuda.is_available():
-        return ("Transformer Engine's linears run on CUDA GPUs only and this machine has none "
-                "(torch.cuda.is_available() is False); use model.linear_backend=torch or megatron")
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception as e:  # ImportError, or a CUDA/library mismatch raised while importing
-        return (f"transformer_engine does not import ({type(e).__name__}: {e}); install Transformer Engine "
-                f"for this CUDA and torch, or use model.linear_backend=torch or megatron")
-    return ("the Transformer Engine linears are not wired into the tensor-parallel plan yet "
-            "(complexity_dist/parallel/tensor_parallel.py, 'Linear backends'); use model.linear_backend=torch "
-            "or megatron")
+def _te_problems(cfg: Config) -> list[str]:
+    """What keeps model.linear_backend=te (and train.fp8) from running with this config on this machine."""
+    from complexity_dist.parallel.te_backend import fp8_problem, te_problem
+
+    why = te_problem()
+    if why is not None:
+        return ["model.linear_backend=te: " + why]
+    problems = []
+    fp8 = cfg.train.fp8
+    if fp8 != "none":
+        why = fp8_problem()
+        if why is not None:
+            problems.append(f"train.fp8={fp8}: {why}")
+        m = cfg.model
+        sizes = {"data.seq_len": cfg.data.seq_len, "model.hidden_size": m.hidden_size,
+                 "model.dynamics_controller_hidden": m.dynamics_controller_hidden,
+                 "model.head_dim * num_key_value_heads / parallel.tp": m.head_dim * m.num_key_value_heads // cfg.parallel.tp}
+        for name, value in sizes.items():
+            if value % 16:
+                problems.append(f"train.fp8={fp8}: FP8 GEMMs need {name}={value} divisible by 16")
+        if cfg.train.activation_checkpointing:
+            problems.append(f"train.fp8={fp8} with train.activation_checkpointing=true: the recomputed forward "
+                            f"would run outside FP8 autocast and differ from the saved one; set "
+                            f"train.activation_checkpointing=false")
+    return problems
 
 
 @dataclass
@@ -136,6 +154,7 @@ def parallelize(model: nn.Module, cfg: Config, groups) -> Parallelized:
     p = cfg.parallel
     out = Parallelized(mpu=deepspeed_mpu(groups))
     if groups is None:
+        _apply_te(model, cfg, None)
         return out
     # EP before TP: EP swaps in new expert parameters (this rank's rows) and replaces compute_experts; TP then
     # shards those rows and wraps the EP compute in its copy/reduce (each TP rank runs the all-to-all among
@@ -144,15 +163,30 @@ def parallelize(model: nn.Module, cfg: Config, groups) -> Parallelized:
         apply_expert_parallel(model, groups.ep_group)
         out.ep_group = groups.ep_group
     if p.tp > 1:
+        # te: the torch plan's shards and hooks; _apply_te then runs the local GEMMs through TE
         apply_tensor_parallel(model, groups.tp_group, sequence_parallel=p.sequence_parallel,
-                              backend=cfg.model.linear_backend)
+                              backend="torch" if cfg.model.linear_backend == "te" else cfg.model.linear_backend)
         for param in model.parameters():
             if hasattr(param, "tp_shard"):
                 param.tensor_model_parallel = True  # deepspeed.utils.is_model_parallel_parameter
         out.tp_group = groups.tp_group
     if p.ep > 1:  # marks the final (possibly TP-sharded) expert parameters
         out.expert_group_name = enable_deepspeed_expert_reduction(model, groups.ep_group, groups.expert_dp_group)
+    _apply_te(model, cfg, groups)
     return out
+
+
+def _apply_te(model: nn.Module, cfg: Config, groups) -> None:
+    """Last: the TE linears take over the (already sharded) projections and their layout hooks."""
+    if cfg.model.linear_backend != "te":
+        return
+    from complexity_dist.parallel.te_backend import apply_te_linears, enable_fp8
+
+    apply_te_linears(model)
+    if cfg.train.fp8 != "none":
+        # every rank that holds a copy of a weight sees part of its activations: amaxes reduce over the world
+        # (pp is refused with te)
+        enable_fp8(model, cfg.train.fp8, dist.group.WORLD if dist.is_initialized() else None)
 
 
 # --- gathering the full model on one rank (tests, debugging) -------------------------------------------

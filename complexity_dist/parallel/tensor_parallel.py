@@ -224,7 +224,8 @@ class _MegatronLinears:
     def qkv(self, attn: nn.Module):
         fn, group = self.layers.linear_with_grad_accumulation_and_async_allreduce, self.group
 
-        def project_qkv(inp: torch.Tensor) -> torch.Tensor:
+        def project_qkv(n: torch.Tensor, mu_prev: torch.Tensor | None) -> torch.Tensor:
+            inp = n if mu_prev is None else torch.cat([n, mu_prev], dim=-1)
             # forward: this rank's heads; backward: the input gradient all-reduced over the TP group (copy_to)
             return fn(inp, attn.qkv_weight(), None, gradient_accumulation_fusion=False, allreduce_dgrad=True,
                       sequence_parallel=False, tp_group=group)

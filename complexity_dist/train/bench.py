@@ -108,9 +108,12 @@ def bench_complexity(cfg: Config, env, bf16: bool, steps: int, warmup: int) -> B
     from complexity_dist.model.accounting import flops_per_token
     from complexity_dist.parallel.deepspeed_engine import build_engine
 
+    from complexity_dist.parallel.parallelize import parallelize
+
     torch.manual_seed(cfg.train.seed)
-    model = ComplexityForCausalLM(cfg.model)
+    model = ComplexityForCausalLM(cfg.model).to(env.device)
     model.model.gradient_checkpointing = cfg.train.activation_checkpointing
+    parallelize(model, cfg, None)  # one GPU: only model.linear_backend / train.fp8 apply
     if cfg.train.compile:
         model.compile_layers()
     engine = build_engine(model.to(env.device), cfg, env.layout, bf16)
