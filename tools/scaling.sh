@@ -16,14 +16,13 @@ launch() {  # name nproc overrides...
   rm -rf "$out/$name"
   torchrun --standalone --nproc-per-node "$nproc" -m complexity_dist train "$config" \
     train.run_dir="$out/$name" tracking.enabled=false checkpoint.enabled=false "$@" > "$out/$name.log" 2>&1 \
-    || { tail -30 "$out/$name.log"; exit 1; }
+    || { echo "$name FAILED:"; grep -m5 -E "Error|error:" "$out/$name.log"; return 1; }
 }
-launch gpu1 1 "$@"
+launch gpu1 1 "$@" || exit 1
 for layout in "${layouts[@]}"; do
-  name=$(echo "gpu$n $layout" | tr -c 'A-Za-z0-9=_.\n' '_' | sed 's/parallel\.//g')
+  name=$(echo "gpu$n $layout" | sed -e 's/parallel\.//g' -e 's/=/-/g' -e 's/sequence_parallel-true/sp/' | tr -c 'A-Za-z0-9_.\n-' '_')
   # shellcheck disable=SC2086  # a layout is several overrides
-  launch "$name" "$n" "$@" $([[ $layout == dp ]] || echo "$layout")
-  names+=("$name")
+  launch "$name" "$n" "$@" $([[ $layout == dp ]] || echo "$layout") && names+=("$name")
 done
 python - "$out" "$n" "${names[@]}" <<'PY'
 import json, statistics, sys
