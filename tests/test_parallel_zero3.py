@@ -11,9 +11,11 @@ tests/test_parallel_train.py: full weights dumped by rank 0 at the start and aft
                 (parallel.zero3_persistence_threshold=0)
     ep2dp2      4 processes: EP2 x DP2, ZeRO 2, margin 0            parity with tokens moved by the override
 
-Checked by hand the same way (not in the suite, to save CI time): TP2 under ZeRO 3 with
-model.linear_backend=megatron and threshold 0, 3 steps: losses and gradient norms within 1e-7 relative of one
-process, weights within the tolerances of tests/test_parallel_train.py.
+Checked by hand the same way (not in the suite, to save CI time), all with threshold 0 and 3 steps: TP2 under
+ZeRO 3 with model.linear_backend=megatron, and with an untied lm_head (against an untied one-process run):
+losses and gradient norms within 1e-7 relative, weights within the tolerances of tests/test_parallel_train.py;
+TP2 x DP2 under ZeRO 3 (no SP) preempted at step 2 and resumed on 4 processes: bit-exact with its uninterrupted
+twin.
 """
 import pytest
 import torch
