@@ -101,10 +101,15 @@ class ParallelConfig:
     ep: int = 1
     sequence_parallel: bool = False
     zero_stage: int = 0
+    # ZeRO 3 keeps a parameter of at most this many elements whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold, same default); 0 partitions every parameter
+    zero3_persistence_threshold: int = 100_000
 
     def validate(self) -> None:
         for name in ("tp", "pp", "ep"):
             _require(getattr(self, name) >= 1, f"parallel.{name}={getattr(self, name)} must be >= 1")
+        _require(self.zero3_persistence_threshold >= 0,
+                 f"parallel.zero3_persistence_threshold={self.zero3_persistence_threshold} must be >= 0")
         _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
 
 

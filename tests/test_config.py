@@ -20,6 +20,7 @@ def test_overrides_and_types(root):
     (["train.steps=many"], "train.steps='many' is not an integer"),
     (["train.steps=0"], "train.steps=0 must be >= 1"),
     (["parallel.zero_stage=4"], "parallel.zero_stage=4 is not one of 0, 1, 2, 3"),
+    (["parallel.zero3_persistence_threshold=-1"], "parallel.zero3_persistence_threshold=-1 must be >= 0"),
     (["parallel.tp=3"], "parallel.tp=3 does not divide model.num_key_value_heads=2"),
     (["model.num_attention_heads=5"], "model.num_attention_heads=5 does not divide hidden_size=256"),
     (["model.mu_router=soft"], "model.mu_router='soft' is not one of 'hard', 'straight_through'"),

@@ -51,6 +51,8 @@ def deepspeed_config(cfg: Config, layout: Layout, bf16: bool) -> dict:
     zero = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage >= 2:
         zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True})
+    if cfg.parallel.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = cfg.parallel.zero3_persistence_threshold
     pipeline = {}
     if layout.pp > 1:
         # DeepSpeed splits a boundary's activations over the TP ranks only when one tensor of it needs

@@ -18,15 +18,22 @@ It returns a `Parallelized` record that the engine and the checkpointer need: th
 optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weights on one rank.
 
 `check_parallelize(cfg)` refuses, before any process group exists, what this loop does not run (see its
-messages): pipeline parallelism other than with ZeRO 1 (and with expert parallel or compile), model parallelism
-with ZeRO 0 or 3, sequence parallel with expert parallel, and the model.linear_backend values that cannot run
-with the layout or on this machine (te on CPU or without Transformer Engine, FP8 on a GPU without it or with
-sizes not divisible by 16, FP8 with activation checkpointing; megatron with tp=1, sequence parallel, pipeline
-parallel or train.compile; train.fp8 without te).
+messages): pipeline parallelism other than with ZeRO 1 (and with expert parallel or compile), tensor or expert
+parallel with ZeRO 0, expert parallel with ZeRO 3, sequence parallel with expert parallel, and the
+model.linear_backend values that cannot run with the layout or on this machine (te on CPU or without Transformer
+Engine, FP8 on a GPU without it or with sizes not divisible by 16, FP8 with activation checkpointing; megatron
+with tp=1, sequence parallel, pipeline parallel or train.compile; train.fp8 without te).
+
+What combines, each proven equal to one process through the trainer (tests/test_parallel_train.py,
+tests/test_parallel_zero3.py, tests/test_pipeline_train.py): TP (+SP) and EP with ZeRO 1 and 2, TP x EP, TP
+with ZeRO 3 (also TP x DP with every parameter partitioned: ZeRO 3 partitions over the mpu's data-parallel
+group, and a weight read outside its own module's forward, as the attention reads q_proj.weight, is gathered by
+DeepSpeed's external-parameter tracking), EP x DP, PP with ZeRO 1 and TP x PP.
 (TP2 with train.compile=true was run on CPU/gloo: 3 steps equal to one process within 2e-7; not checked on GPU.)
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -63,10 +70,14 @@ def check_parallelize(cfg: Config) -> None:
             problems.append(f"{what} > 1 with parallel.zero_stage=0: the stage-0 optimizer clips by a norm of "
                             f"this rank's parameters only, which is wrong for sharded weights; use "
                             f"parallel.zero_stage=1 or 2 (ZeRO 1 costs nothing extra in communication)")
-        if p.zero_stage == 3:
-            why = ("DeepSpeed's ZeRO 3 refuses expert (MoE) parameters" if p.ep > 1 else
-                   "ZeRO 3 partitions the parameters the tensor-parallel hooks hold, which is not verified")
-            problems.append(f"{what} > 1 with parallel.zero_stage=3: {why}; use parallel.zero_stage=1 or 2")
+    if p.ep > 1 and p.zero_stage == 3:
+        # DeepSpeed switches its expert reduction on through a deepspeed.moe.layer.MoE in the module tree
+        # (complexity_dist/parallel/expert_parallel.py); without one, ZeRO 3 would partition the expert rows
+        # over the data-parallel group and average their gradients over it, which is wrong for them
+        problems.append(f"parallel.ep={p.ep} > 1 with parallel.zero_stage=3: DeepSpeed 0.19.8's ZeRO 3 raises "
+                        f"'Native DeepSpeed MoE is not supported with ZeRO Stage 3' for the MoE marker that "
+                        f"makes it reduce expert gradients over the expert-data-parallel group; use "
+                        f"parallel.zero_stage=1 or 2")
     if p.sequence_parallel and p.tp > 1 and p.ep > 1:
         problems.append("parallel.sequence_parallel=true with parallel.ep > 1: expert parallel routes by the full "
                         "sequence's token ids, sequence parallel hands each rank a slice; the combination is not "
@@ -201,8 +212,9 @@ def full_state_dict(model: nn.Module, plan: Parallelized) -> dict[str, torch.Ten
     TP and EP groups: every rank calls it."""
     from complexity_dist.parallel.tensor_parallel import full_state_dict as tp_full
 
-    state = tp_full(model) if plan.tp_group is not None else \
-        {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with _zero3_gathered(model):
+        state = tp_full(model) if plan.tp_group is not None else \
+            {k: v.detach().clone() for k, v in model.state_dict().items()}
     if plan.ep_group is None:
         return state
     ep = dist.get_world_size(plan.ep_group)
@@ -213,6 +225,16 @@ def full_state_dict(model: nn.Module, plan: Parallelized) -> dict[str, torch.Ten
         # rank r holds experts r, r+ep, ...: row j of rank r is expert r + j*ep
         state[name] = torch.stack(parts, dim=1).reshape(-1, *local.shape[1:])
     return state
+
+
+def _zero3_gathered(model: nn.Module):
+    """Under ZeRO 3 each parameter holds only its data-parallel partition (`ds_id` marks one): gather them
+    whole for the duration (collective over the data-parallel group). Without ZeRO 3, nothing."""
+    zero3 = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not zero3:
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero import GatheredParameters
+    return GatheredParameters(zero3, modifier_rank=None)
 
 
 def expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
