@@ -42,5 +42,5 @@ def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: torc
     assert logits.stride(1) == 1
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _ce_row[(rows,)](logits, logits.stride(0), targets.contiguous(), loss, scale.to(torch.float32), V,
-                     ignore_index, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(V)))
+                     ignore_index, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(V)), num_warps=8)
     return loss.sum()

@@ -32,8 +32,10 @@ def inl_update_torch(c, a, v, mu, dt: float, beta_max: float, v_clamp: float):
 
 
 def inl_update(c, a, v, mu, dt: float, beta_max: float, v_clamp: float):
-    """The Triton kernel where it can run on these tensors, else the torch math."""
-    if triton_runs_on(a):
+    """The Triton kernel where it can run on these tensors, else the torch math. Inside torch.compile
+    (train.compile=true compiles each decoder layer) the torch math is traced instead: the compiler fuses
+    this elementwise tail into its own kernels, and an opaque call would cut the layer's graph in two."""
+    if triton_runs_on(a) and not torch.compiler.is_compiling():
         return inl_update_triton(c, a, v, mu, dt, beta_max, v_clamp)
     return inl_update_torch(c, a, v, mu, dt, beta_max, v_clamp)
 
