@@ -134,6 +134,9 @@ def test_fused_linear_cross_entropy_matches_torch(dtype, use_triton):
         assert x.dtype == y.dtype
         torch.testing.assert_close(x, y, **tol)
     assert (got_g[0][[0, 5, 6, 22]] == 0).all()  # ignored rows get no gradient
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(lce.fused_linear_cross_entropy(hidden, weight, targets, chunk_size=5,
+                                                                  use_triton=use_triton), want[0], **tol)
 
 
 @needs_triton

@@ -41,8 +41,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     if use_triton is None:
         use_triton = triton_runs_on(hidden)
+    # evaluation (no_grad) skips the gradient GEMMs: inside forward, needs_input_grad cannot tell
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _FusedLinearCE.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                chunk_size, use_triton)
+                                chunk_size, use_triton, grads)
 
 
 def chunk_loss_and_grad_torch(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -62,13 +64,13 @@ def chunk_loss_and_grad_torch(logits: torch.Tensor, targets: torch.Tensor, scale
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, use_triton):
+    def forward(ctx, hidden, weight, targets, chunk_size, use_triton, grads):
         N, H = hidden.shape
         acc = compute_dtype(hidden.dtype)
         valid = targets != IGNORE_INDEX
         n_valid = valid.sum().to(acc)
         scale = (1.0 / n_valid).reshape(1)  # a tensor: no host sync; 0 targets -> loss 0/0 = nan, as F.cross_entropy
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
@@ -100,4 +102,4 @@ class _FusedLinearCE(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_out.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_out).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
