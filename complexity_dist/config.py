@@ -51,6 +51,10 @@ class ModelConfig:
     # "torch" (plain parameters and F.linear), "megatron" (megatron-core's tensor-parallel linears, needs
     # parallel.tp > 1), "te" (Transformer Engine's Linear; CUDA only; train.fp8 needs it)
     linear_backend: str = "torch"
+    # which implementation runs the fused pieces (complexity_dist/kernels/): "torch" (plain autograd) or
+    # "triton" (chunked lm_head + cross-entropy that never builds the full logits, fused INL dynamics;
+    # Triton kernels on CUDA, their pure-torch twins elsewhere unless TRITON_INTERPRET=1)
+    kernels: str = "torch"
 
     @property
     def head_dim(self) -> int:
@@ -75,6 +79,7 @@ class ModelConfig:
                  f"model.hidden_size / num_attention_heads = {self.head_dim} must be even for rotary embeddings")
         _choice("model.mu_router", self.mu_router, ("hard", "straight_through"))
         _choice("model.linear_backend", self.linear_backend, ("torch", "megatron", "te"))
+        _choice("model.kernels", self.kernels, ("torch", "triton"))
         _require(self.dynamics_beta_max > 0, f"model.dynamics_beta_max={self.dynamics_beta_max} must be > 0")
         _require(self.dynamics_velocity_clamp > 0,
                  f"model.dynamics_velocity_clamp={self.dynamics_velocity_clamp} must be > 0")
@@ -230,6 +235,14 @@ class Config:
             getattr(self, f.name).validate()
         m = self.model
         _raise_layout_problems(self, world_size)
+        p = self.parallel
+        if self.model.kernels == "triton":
+            why = ([f"parallel.zero_stage=3 (ZeRO 3 gathers lm_head.weight inside lm_head's forward, which the "
+                    f"fused loss skips); use zero_stage 0-2"] if p.zero_stage == 3 else []) + \
+                  ([f"parallel.pp={p.pp} (the last pipeline stage computes the full logits, then model.loss_fn); "
+                    f"use pp=1"] if p.pp > 1 else [])
+            _require(not why, "model.kernels=triton is not supported with " + " and ".join(why) +
+                     ", or set model.kernels=torch")
         _require(self.train.eval_every == 0 or bool(self.data.val_path) or self.data.val_shards > 0,
                  f"train.eval_every={self.train.eval_every} needs held-out data: set data.val_path to a folder "
                  f"made by `complexity-dist prepare-data`, or data.val_shards=N to hold out the last N shards")

@@ -43,7 +43,7 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 
 def model_fields(raw: dict) -> dict:
-    names = {f for f in ModelConfig.__dataclass_fields__} - {"linear_backend", "mu_router"}
+    names = {f for f in ModelConfig.__dataclass_fields__} - {"linear_backend", "kernels", "mu_router"}
     return {k: v for k, v in raw.items() if k in names and v is not None}
 
 

@@ -58,7 +58,7 @@ def plan_shards(keys: list[Key], dtype: torch.dtype, shard_bytes: int) -> list[l
 
 def hf_config(cfg: ModelConfig, dtype_name: str) -> dict:
     m = dataclasses.asdict(cfg)
-    for drop in ("linear_backend", "mu_router"):
+    for drop in ("linear_backend", "kernels", "mu_router"):
         m.pop(drop)
     return {"architectures": ["ComplexityForCausalLM"], "model_type": MODEL_TYPE,
             "auto_map": {"AutoConfig": "configuration_complexity.ComplexityConfig",

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from complexity_dist.config import ModelConfig
+from complexity_dist.kernels.inl_dynamics import inl_update, inl_update_torch
 from complexity_dist.model.layers import make_linear
 
 
@@ -16,6 +17,7 @@ class INLDynamics(nn.Module):
         self.dt = cfg.dynamics_dt
         self.beta_max = cfg.dynamics_beta_max
         self.v_clamp = cfg.dynamics_velocity_clamp
+        self.update = inl_update if cfg.kernels == "triton" else inl_update_torch
         self.controller_in = make_linear(2 * H, cfg.dynamics_controller_hidden, bias=True)
         self.controller_out = make_linear(cfg.dynamics_controller_hidden, 3 * H, bias=True)
         self.mu = nn.Parameter(torch.zeros(H))
@@ -26,11 +28,7 @@ class INLDynamics(nn.Module):
         if v is None:
             v = torch.zeros_like(a)
         c = self.controller_out(F.silu(self.controller_in(torch.cat([a, v], dim=-1))))
-        c_a, c_b, c_g = c.chunk(3, dim=-1)
-        alpha = torch.sigmoid(c_a)
-        beta = torch.clamp(F.softplus(c_b), max=self.beta_max)  # the clamp prevents the late-training NaN
-        gate = torch.sigmoid(c_g)
         mu = self.mu + self.mu_proj(a)
-        v_next = torch.clamp(alpha * v - beta * (a - mu), -self.v_clamp, self.v_clamp)
-        a_next = a + self.dt * gate * v_next
+        # the elementwise tail (sigmoid/softplus/clamps/update): complexity_dist/kernels/inl_dynamics.py
+        a_next, v_next = self.update(c, a, v, mu, self.dt, self.beta_max, self.v_clamp)
         return a_next, v_next, mu

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from complexity_dist.config import ModelConfig
+from complexity_dist.kernels.linear_cross_entropy import fused_linear_cross_entropy
 from complexity_dist.model.attention import LayerKVCache, MuGuidedAttention
 from complexity_dist.model.dynamics import INLDynamics
 from complexity_dist.model.experts import TokenRoutedMLP
@@ -69,6 +70,7 @@ class ComplexityModel(nn.Module):
 
 @dataclass
 class CausalLMOutput:
+    # None when the loss was computed fused (model.kernels=triton with targets): pass no targets for logits
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
 
@@ -122,13 +124,21 @@ class ComplexityForCausalLM(nn.Module):
         """`labels` are Hugging Face style (same positions as input_ids, shifted here); `targets` are
         already aligned with the positions of input_ids (what the trainer passes). Ignore index -100."""
         hidden = self.model(input_ids, cache)
-        logits = self.lm_head(hidden)
         if labels is not None:
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        if targets is not None and self._fused_loss():
+            # training and evaluation read only the loss: the full-vocabulary logits are never built
+            return CausalLMOutput(logits=None, loss=fused_linear_cross_entropy(hidden, self.lm_head.weight, targets))
+        logits = self.lm_head(hidden)
         loss = None
         if targets is not None:
             loss = self.loss_fn(logits, targets)
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def _fused_loss(self) -> bool:
+        """model.kernels=triton and the loss seam untouched: a vocabulary-parallel layout (tp > 1) sets its own
+        loss_fn on the instance and keeps it (its logits are a vocabulary slice)."""
+        return self.config.kernels == "triton" and "loss_fn" not in vars(self)
 
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over targets != -100. The seam of a vocabulary-parallel layout: it sets an

@@ -1,0 +1,36 @@
+"""Fused kernels, each beside the pure-torch function it replaces (selected by `model.kernels`).
+
+- linear_cross_entropy: lm_head GEMM + cross-entropy in chunks of tokens (the full-vocabulary logits never
+  exist at once), gradients computed in the forward pass; Triton for the per-chunk softmax/loss/grad.
+- inl_dynamics: the elementwise tail of the INL dynamics (sigmoid/softplus/clamp/update) as one Triton
+  kernel forward and one backward.
+
+Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests). Elsewhere the
+pure-torch twins run (same math), so `model.kernels=triton` never changes what is computed, only how.
+Triton is imported lazily: importing this package never needs it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_runs_on(t: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take this tensor: CUDA, or anything under the interpreter."""
+    if not triton_installed() or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for low-precision inputs, the input's own dtype otherwise: complexity_dist.model.layers'
+    rule, restated so that this package never imports the model (which imports it)."""
+    return torch.promote_types(dtype, torch.float32)
