@@ -134,9 +134,12 @@ def test_expert_rows_survive_save_and_load(runs):
         torch.testing.assert_close(final[k], ref_final[k], **WEIGHT_TOL, msg=lambda m: f"{k}: {m}")
 
 
-def test_resume_under_another_layout_is_refused(runs, dataset):  # noqa: F811
-    proc = run(train_cmd(runs / "tp2_split", dataset, *COMMON, "train.steps=6", "parallel.zero_stage=1"),
-               check=False)
+def test_resume_into_pipeline_parallel_is_refused(runs, dataset):  # noqa: F811
+    # (tp/ep/data-parallel layouts reshard into each other: tests/test_reshard_parallel.py)
+    # `info --preflight` runs the 2-process run's checks in this process (what launchers do before queueing)
+    cmd = [*train_cmd(runs / "tp2_split", dataset, *COMMON, "train.steps=6", "parallel.pp=2"), "--preflight",
+           "--world-size", "2"]
+    proc = run([x if x != "train" else "info" for x in cmd], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "layout parallel.tp=2 pp=1 ep=1 on 2 process(es)" in proc.stderr, proc.stderr[-3000:]
-    assert "this run has parallel.tp=1 pp=1 ep=1 on 1 process(es)" in proc.stderr
+    assert "this run has parallel.tp=1 pp=2 ep=1 on 2 process(es)" in proc.stderr
