@@ -134,9 +134,25 @@ def test_expert_rows_survive_save_and_load(runs):
         torch.testing.assert_close(final[k], ref_final[k], **WEIGHT_TOL, msg=lambda m: f"{k}: {m}")
 
 
-def test_resume_under_another_layout_is_refused(runs, dataset):  # noqa: F811
-    proc = run(train_cmd(runs / "tp2_split", dataset, *COMMON, "train.steps=6", "parallel.zero_stage=1"),
-               check=False)
+def test_tp_x_ep_checkpoint_reads_back_as_the_gathered_weights(runs):
+    """The reader of `convert to-hf` and resharding (complexity_dist/convert/reader.py) assembles TP2 x EP2's
+    step-3 checkpoint (4 model/expert pieces a tensor) into the run's own gathered weights, bit for bit."""
+    from complexity_dist.convert.reader import CheckpointReader, find_checkpoint
+
+    reader = CheckpointReader(find_checkpoint(runs / "tp2ep2/checkpoints/step_00000003"))
+    want = weights(runs, "tp2ep2", 3)
+    names = [k for k in want if k != "lm_head.weight"]  # tied: the embedding
+    assert any(len(reader.plan.pieces[k]) == 4 for k in names)
+    for name, value in reader.read(names):
+        assert torch.equal(value, want[name]), name
+
+
+def test_resume_into_pipeline_parallel_is_refused(runs, dataset):  # noqa: F811
+    # (tp/ep/data-parallel layouts reshard into each other: tests/test_reshard_parallel.py)
+    # `info --preflight` runs the 2-process run's checks in this process (what launchers do before queueing)
+    cmd = [*train_cmd(runs / "tp2_split", dataset, *COMMON, "train.steps=6", "parallel.pp=2"), "--preflight",
+           "--world-size", "2"]
+    proc = run([x if x != "train" else "info" for x in cmd], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "layout parallel.tp=2 pp=1 ep=1 on 2 process(es)" in proc.stderr, proc.stderr[-3000:]
-    assert "this run has parallel.tp=1 pp=1 ep=1 on 1 process(es)" in proc.stderr
+    assert "this run has parallel.tp=1 pp=2 ep=1 on 2 process(es)" in proc.stderr

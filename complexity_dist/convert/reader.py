@@ -1,4 +1,4 @@
-"""Reading a training checkpoint tensor by tensor, whatever the layout that wrote it.
+"""Reading a training checkpoint tensor by tensor, whatever the data/tensor/expert-parallel layout that wrote it.
 
 A checkpoint folder (complexity_dist/train/checkpoint.py) holds DeepSpeed's files. Every file is opened with
 our `safe_load` (weights_only + allow-list) and memory-mapped, and only one file is open at a time: the
@@ -23,11 +23,19 @@ complexity_dist/parallel/deepspeed_engine.py `param_groups`). `read(names, state
 the same plan; complexity_dist/train/reshard.py uses that to resume under another data-parallel layout.
 
 A layout is a `plan`: for each parameter, the fragments (file, group, source offset, length, destination
-offset) it is made of. Tensor, pipeline and expert parallel layouts plug in as further planners in
-`LAYOUT_PLANNERS` (their fragments come from several model-parallel ranks' files); until then they are refused.
+offset, piece) it is made of, and how its pieces join into the full tensor. `LAYOUT_PLANNERS` picks the planner
+from the checkpoint's config.json:
+- ZeRO 1/2 under any tensor-parallel (tp) and expert-parallel (ep) size (`_zero12_plan`): each model-parallel
+  rank's files hold its tensor-parallel shard (complexity_dist/parallel/tensor_parallel.py `shard_spec_of`),
+  the expert groups of data-parallel rank d hold expert-parallel rank d mod ep's rows; a parameter is read as
+  tp x ep pieces, joined the way parallelize.full_state_dict gathers them, one batch at a time as above (a
+  joined tensor is built when it is yielded: about one batch plus one tensor still);
+- ZeRO 0 and 3, data parallel only (the training loop refuses tp/ep with them);
+- pipeline parallel (DeepSpeed's per-layer files) is refused.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -41,7 +49,6 @@ from complexity_dist.convert.keys import ConvertError
 from complexity_dist.train.checkpoint import (CheckpointMismatch, Checkpointer, DamagedCheckpoint, SavedRun,
                                               safe_load)
 
-OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
 DEFAULT_BUDGET = 1 << 30  # bytes of fp32 gathered per pass
 
 
@@ -79,13 +86,20 @@ class Fragment:
     src: int
     length: int
     dst: int
+    piece: int = 0  # which of the parameter's pieces (Plan.pieces) it fills
 
 
 @dataclass
 class Plan:
     shapes: dict[str, torch.Size]
     fragments: dict[str, list[Fragment]]
-    module_file: Path | None = None  # checked against (ZeRO 1/2): the module's copy of each weight
+    # model-parallel layouts: each parameter is read as pieces (one per tp rank and expert-parallel rank),
+    # then joined; without an entry a parameter is one piece of its full shape
+    pieces: dict[str, list[torch.Size]] = field(default_factory=dict)
+    join: dict[str, Callable[[list[torch.Tensor]], torch.Tensor]] = field(default_factory=dict)
+    # ZeRO 1/2: files holding a copy of pieces the master weights are checked against:
+    # file -> [(name, piece, key of the state_dict in the file)]
+    checks: dict[Path, list[tuple[str, int, str]]] = field(default_factory=dict)
     flat_key: str = ""
     group_sizes: dict[Path, list[int]] = field(default_factory=dict)  # expected flat sizes, checked on read
     state_keys: tuple[str, ...] = ()  # path to the base optimizer's state dict in a flat-group file
@@ -110,6 +124,7 @@ def _field(obj, key, path: Path):
 
 
 def _data_parallel_plan(step_dir: Path, zero: int) -> Plan:
+    """ZeRO 0 and 3 (data parallel only; ZeRO 1/2 are `_zero12_plan`'s)."""
     model_file = step_dir / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if zero == 3
                              else "mp_rank_00_model_states.pt")
     meta = _load(model_file)
@@ -120,10 +135,8 @@ def _data_parallel_plan(step_dir: Path, zero: int) -> Plan:
         return Plan(shapes, frags, optim_index=_zero0_optimizer_index(step_dir))
     groups = [dict(g) for g in _field(meta, "param_shapes", model_file)]
     del meta
-    optim = {int(m.group(1)): step_dir / f.name for f in step_dir.iterdir() if (m := OPTIM_FILE.fullmatch(f.name))}
+    optim = _optim_files(step_dir, 0)
     world = len(optim)
-    if sorted(optim) != list(range(world)) or world == 0:
-        raise ConvertError(f"{step_dir} has optimizer files for ranks {sorted(optim)}: expected ranks 0..N-1")
     first = _field(_load(optim[0]), "optimizer_state_dict", optim[0])
     count = _field(first, "partition_count", optim[0])
     count = max(count) if isinstance(count, list) else count
@@ -132,46 +145,156 @@ def _data_parallel_plan(step_dir: Path, zero: int) -> Plan:
                            f"optimizer files")
     shapes: dict[str, torch.Size] = {}
     frags: dict[str, list[Fragment]] = {}
-    if zero in (1, 2):
+    sizes = []
+    for g, params in enumerate(groups):
+        off = 0
+        for name, shape in params.items():
+            n = math.prod(shape)
+            p = math.ceil(n / world)
+            shapes[name], frags[name] = torch.Size(shape), []
+            for r in range(world):
+                length = min(p, n - r * p)
+                if length > 0:
+                    frags[name].append(Fragment(optim[r], g, off, length, r * p))
+            off += p
+        sizes.append(off)
+    plan = Plan(shapes, frags, flat_key="fp32_flat_groups", state_keys=("optimizer_state_dict", "state"))
+    plan.group_sizes = {f: sizes for f in optim}
+    return plan
+
+
+def _optim_files(step_dir: Path, mp: int) -> list[Path]:
+    """Model-parallel rank `mp`'s optimizer files, by data-parallel rank."""
+    pattern = re.compile(rf"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_{mp:02d}_optim_states\.pt")
+    optim = {int(m.group(1)): step_dir / f.name for f in step_dir.iterdir() if (m := pattern.fullmatch(f.name))}
+    if sorted(optim) != list(range(len(optim))) or not optim:
+        raise ConvertError(f"{step_dir} has optimizer files of model-parallel rank {mp} for data-parallel ranks "
+                           f"{sorted(optim)}: expected ranks 0..N-1")
+    return [optim[d] for d in range(len(optim))]
+
+
+def _zero12_plan(step_dir: Path, parallel: dict) -> Plan:
+    """ZeRO 1/2 under any tensor-parallel (tp) and expert-parallel (ep) size; pipeline parallel is refused.
+
+    DeepSpeed writes, per model-parallel rank m (= tp rank: complexity_dist/parallel/groups.py) and
+    data-parallel rank d, `zero_pp_rank_{d}_mp_rank_{m}_optim_states.pt`, and `mp_rank_{m}_model_states.pt`
+    (written by d = 0) with the group layout `param_shapes` of m's local (tensor-parallel) shapes. In rank
+    (m, d)'s file, group g is the slice [i*P, (i+1)*P) of the group's flat buffer, i its rank in the group's
+    partition:
+    - a shared group (partition_count = dp): i = d, all dp files together hold m's shard;
+    - an expert group (`moe` set, complexity_dist/parallel/expert_parallel.py; partition_count = dp/ep): the
+      files d with d mod ep = k (k the expert-parallel rank, complexity_dist/config.py Layout.coords) hold
+      ep rank k's expert rows, i = d // ep.
+    A parameter is read as tp x ep pieces (piece k*tp + m) and joined: the tp pieces along the dimension
+    tensor_parallel.shard_spec_of names, then the ep pieces row by row (row j of rank k is expert k + j*ep,
+    parallelize.full_state_dict's order).
+    Master weights are checked against the module copies: mp_rank_{m}'s module holds (m, k=0) pieces, and
+    the trainer's rank_*.pt files (`experts`) each rank's own expert rows."""
+    from complexity_dist.parallel.tensor_parallel import shard_spec_of, unshard
+
+    tp, ep = int(parallel.get("tp", 1)), int(parallel.get("ep", 1))
+    full = _full_shapes(step_dir)
+    shapes: dict[str, torch.Size] = {}
+    frags: dict[str, list[Fragment]] = {}
+    pieces: dict[str, list[torch.Size]] = {}
+    checks: dict[Path, list[tuple[str, int, str]]] = {}
+    group_sizes: dict[Path, list[int]] = {}
+    experts: set[str] = set()
+    dp = None
+    for m in range(tp):
+        model_file = step_dir / f"mp_rank_{m:02d}_model_states.pt"
+        groups = [dict(g) for g in _field(_load(model_file), "param_shapes", model_file)]
+        optim = _optim_files(step_dir, m)
+        if dp is not None and len(optim) != dp:
+            raise ConvertError(f"{step_dir} holds {len(optim)} optimizer files of model-parallel rank {m}, {dp} of "
+                               f"rank 0: the checkpoint is incomplete")
+        dp = len(optim)
+        if dp % ep:
+            raise ConvertError(f"{step_dir}: {dp} data-parallel optimizer files, not a multiple of parallel.ep={ep}")
+        first = _field(_load(optim[0]), "optimizer_state_dict", optim[0])
         parts = [t.numel() for t in _field(first, "single_partition_of_fp32_groups", optim[0])]
         pads = first.get("param_alignment_paddings") or [[0] * len(g) for g in groups]
+        counts = _field(first, "partition_count", optim[0])
+        counts = counts if isinstance(counts, list) else [counts] * len(groups)
+        moe = [bool(g.get("moe")) for g in _field(_field(first, "base_optimizer_state", optim[0]),
+                                                  "param_groups", optim[0])]
+        if not (len(parts) == len(counts) == len(moe) == len(groups)):
+            raise ConvertError(f"{optim[0]} has {len(parts)} optimizer groups, {model_file} {len(groups)}: the "
+                               f"files do not belong together")
+        if ep > 1 and not any(moe):
+            raise ConvertError(f"{optim[0]} holds no expert-parallel optimizer group, but {step_dir / 'config.json'} "
+                               f"says parallel.ep={ep}: the files do not belong together")
+        for f in optim:
+            group_sizes[f] = parts
         for g, params in enumerate(groups):
+            if moe[g] and ep == 1:
+                raise ConvertError(f"{optim[0]}: group {g} holds expert-parallel parameters but config.json says "
+                                   f"parallel.ep=1; the files do not belong together")
+            owners = [[d for d in range(k, dp, ep)] for k in range(ep)] if moe[g] else [list(range(dp))]
+            if counts[g] != len(owners[0]):
+                raise ConvertError(f"{optim[0]}: group {g} is partitioned over {counts[g]} ranks, {len(owners[0])} "
+                                   f"expected for parallel.ep={ep} on {dp} data-parallel ranks")
             off, P = 0, parts[g]
             for (name, shape), pad in zip(params.items(), pads[g]):
                 n = math.prod(shape)
-                shapes[name], frags[name] = torch.Size(shape), []
-                for r in range(world):
-                    lo, hi = max(off, r * P), min(off + n, (r + 1) * P)
-                    if lo < hi:
-                        frags[name].append(Fragment(optim[r], g, lo - r * P, hi - lo, lo - off))
+                if m == 0:
+                    if name not in full:
+                        raise ConvertError(f"{model_file} holds {name!r}, which this model (config.json) has not")
+                    shapes[name], frags[name] = full[name], []
+                    pieces[name] = [torch.Size(shape)] * (tp * len(owners))
+                    if moe[g]:
+                        experts.add(name)
+                elif pieces.get(name, [None])[0] != torch.Size(shape) or (name in experts) != moe[g]:
+                    raise ConvertError(f"{model_file}: {name} {tuple(shape)} differs in shape or group from "
+                                       f"model-parallel rank 0's; the files do not belong together")
+                for k, ranks in enumerate(owners):
+                    piece = k * tp + m
+                    for i, d in enumerate(ranks):
+                        lo, hi = max(off, i * P), min(off + n, (i + 1) * P)
+                        if lo < hi:
+                            frags[name].append(Fragment(optim[d], g, lo - i * P, hi - lo, lo - off, piece))
+                    if k == 0:
+                        checks.setdefault(model_file, []).append((name, piece, "module"))
+                    else:  # the trainer's own copy of the expert rows of global rank (tp m, dp k)
+                        checks.setdefault(step_dir / f"rank_{m + tp * k:05d}.pt", []).append((name, piece, "experts"))
                 off += n + pad
-            if off > P * world:
-                raise ConvertError(f"{optim[0]}: group {g} holds {P * world} values over {world} ranks, its "
-                                   f"parameters need {off}; the optimizer files do not match {model_file}")
-        sizes = parts
-        key = "single_partition_of_fp32_groups"
-        state_keys = ("base_optimizer_state", "state")
-        module_file = model_file
-    else:
-        sizes = []
-        for g, params in enumerate(groups):
-            off = 0
-            for name, shape in params.items():
-                n = math.prod(shape)
-                p = math.ceil(n / world)
-                shapes[name], frags[name] = torch.Size(shape), []
-                for r in range(world):
-                    length = min(p, n - r * p)
-                    if length > 0:
-                        frags[name].append(Fragment(optim[r], g, off, length, r * p))
-                off += p
-            sizes.append(off)
-        key = "fp32_flat_groups"
-        state_keys = ("optimizer_state_dict", "state")
-        module_file = None
-    plan = Plan(shapes, frags, module_file, key, state_keys=state_keys)
-    plan.group_sizes = {f: sizes for f in optim.values()}
+            if off > P * len(owners[0]):
+                raise ConvertError(f"{optim[0]}: group {g} holds {P * len(owners[0])} values over "
+                                   f"{len(owners[0])} ranks, its parameters need {off}; the optimizer files do "
+                                   f"not match {model_file}")
+    join = {}
+    for name in shapes:
+        spec = shard_spec_of(name) if tp > 1 else None
+        local = list(full[name])
+        if spec is not None:
+            local[spec.dim] //= tp
+        if name in experts:
+            local[0] //= ep
+        if list(pieces[name][0]) != local:
+            raise ConvertError(f"{step_dir}: {name} is stored as pieces of {tuple(pieces[name][0])}; parallel.tp={tp}, "
+                               f"ep={ep} of its full shape {tuple(full[name])} gives {tuple(local)}")
+        if tp > 1 or name in experts:
+            join[name] = functools.partial(_join, tp=tp, spec=spec, unshard=unshard)
+    plan = Plan(shapes, frags, pieces=pieces, join=join, checks=checks,
+                flat_key="single_partition_of_fp32_groups", state_keys=("base_optimizer_state", "state"))
+    plan.group_sizes = group_sizes
     return plan
+
+
+def _join(pieces: list[torch.Tensor], tp: int, spec, unshard) -> torch.Tensor:
+    by_ep = [unshard(pieces[k * tp:(k + 1) * tp], spec) for k in range(len(pieces) // tp)]
+    if len(by_ep) == 1:
+        return by_ep[0]
+    return torch.stack(by_ep, dim=1).reshape(-1, *by_ep[0].shape[1:])  # row j of ep rank k: expert k + j*ep
+
+
+def _full_shapes(step_dir: Path) -> dict[str, torch.Size]:
+    """The single-process parameter shapes of the checkpoint's model (built on the meta device: no memory)."""
+    from complexity_dist.model import ComplexityForCausalLM
+
+    with torch.device("meta"):
+        model = ComplexityForCausalLM(model_config_of(Checkpointer.inspect(None, step_dir)))
+    return {n: p.shape for n, p in model.named_parameters()}
 
 
 def _zero0_optimizer_index(step_dir: Path) -> dict[str, int]:
@@ -189,18 +312,26 @@ def _zero0_optimizer_index(step_dir: Path) -> dict[str, int]:
     return {n: i for i, n in enumerate(order)}
 
 
-def _refuse_model_parallel(step_dir: Path, parallel: dict) -> Plan:
-    sizes = ", ".join(f"{k}={parallel.get(k, 1)}" for k in ("tp", "pp", "ep"))
-    raise ConvertError(f"{step_dir} was written with parallel {sizes}: reading tensor/pipeline/expert-parallel "
-                       f"checkpoints is not wired into convert yet (only data parallel, ZeRO 0-3)")
+def _refuse_pipeline(step_dir: Path, parallel: dict) -> Plan:
+    raise ConvertError(f"{step_dir} was written with parallel.pp={parallel.get('pp')}: reading pipeline-parallel "
+                       f"checkpoints (DeepSpeed's per-layer layer_XX files) is not done yet; tensor- and "
+                       f"expert-parallel checkpoints (parallel.pp=1) are read")
 
 
 # (parallel config) -> planner; the first whose predicate holds plans the read
 LAYOUT_PLANNERS: list[tuple[Callable[[dict], bool], Callable[[Path, dict], Plan]]] = [
-    (lambda p: all(int(p.get(k, 1)) == 1 for k in ("tp", "pp", "ep")),
+    (lambda p: int(p.get("pp", 1)) > 1, _refuse_pipeline),
+    (lambda p: int(p.get("zero_stage", 0)) in (1, 2), _zero12_plan),
+    (lambda p: all(int(p.get(k, 1)) == 1 for k in ("tp", "ep")),
      lambda d, p: _data_parallel_plan(d, int(p.get("zero_stage", 0)))),
-    (lambda p: True, _refuse_model_parallel),
+    (lambda p: True, lambda d, p: _refuse_zero(d, p)),
 ]
+
+
+def _refuse_zero(step_dir: Path, parallel: dict) -> Plan:
+    # the training loop refuses these layouts (complexity_dist/parallel/parallelize.py check_parallelize)
+    raise ConvertError(f"{step_dir} says parallel.tp={parallel.get('tp', 1)}, ep={parallel.get('ep', 1)} with "
+                       f"zero_stage={parallel.get('zero_stage')}: no training run writes that layout")
 
 
 class CheckpointReader:
@@ -256,7 +387,9 @@ class CheckpointReader:
 
     def _gather(self, names: list[str], state: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         unique = list(dict.fromkeys(names))
-        out = {n: torch.zeros(self.plan.shapes[n].numel(), dtype=torch.float32) for n in unique}
+        # each parameter's pieces (one unless a model-parallel layout split it), flat
+        out = {n: [torch.zeros(math.prod(shape), dtype=torch.float32)
+                   for shape in self.plan.pieces.get(n, [self.plan.shapes[n]])] for n in unique}
         by_file: dict[Path, list[tuple[str, Fragment]]] = {}
         for n in unique:
             for f in self.plan.fragments[n]:
@@ -266,7 +399,7 @@ class CheckpointReader:
             if items[0][1].group < 0 and state is None:
                 module = _field(obj, "module", path)
                 for n, f in items:
-                    out[n].copy_(_field(module, n, path).reshape(-1).float())
+                    out[n][0].copy_(_field(module, n, path).reshape(-1).float())
             elif items[0][1].group < 0:  # ZeRO 0: torch's optimizer state_dict, by parameter index
                 states = _field(_field(obj, "optimizer", path), "state", path)
                 for n, f in items:
@@ -274,7 +407,7 @@ class CheckpointReader:
                         raise ConvertError(f"{path}: {n!r} is not a parameter the optimizer holds")
                     s = states.get(self.plan.optim_index[n])
                     if s is not None:
-                        out[n].copy_(_field(s, state, path).reshape(-1).float())
+                        out[n][0].copy_(_field(s, state, path).reshape(-1).float())
             else:
                 if state is None:
                     flat = _field(_field(obj, "optimizer_state_dict", path), self.plan.flat_key, path)
@@ -297,15 +430,22 @@ class CheckpointReader:
                         raise ConvertError(f"{path}: group {f.group} of {state or self.plan.flat_key} holds "
                                            f"{flat[f.group].numel()} values, {f.src + f.length} expected (the "
                                            f"files of {self.saved.path} do not belong together)")
-                    out[n][f.dst:f.dst + f.length].copy_(flat[f.group][f.src:f.src + f.length])
+                    out[n][f.piece][f.dst:f.dst + f.length].copy_(flat[f.group][f.src:f.src + f.length])
             del obj
-        if self.plan.module_file is not None and state is None:
-            module = _field(_load(self.plan.module_file), "module", self.plan.module_file)
-            for n in unique:
-                ref = _field(module, n, self.plan.module_file)
-                if not torch.equal(out[n].to(ref.dtype), ref.reshape(-1)):
-                    raise ConvertError(f"{self.plan.module_file}: {n} differs from the fp32 master weights in the "
-                                       f"optimizer files; the checkpoint's files do not belong together")
-            del module
+        if state is None:  # the master weights against the module's own copies (ZeRO 1/2)
+            wanted = set(unique)
+            for path, entries in self.plan.checks.items():
+                entries = [e for e in entries if e[0] in wanted]
+                if not entries:
+                    continue
+                obj = _load(path)
+                for n, piece, key in entries:
+                    ref = _field(_field(obj, key, path), n, path)
+                    if not torch.equal(out[n][piece].to(ref.dtype), ref.reshape(-1)):
+                        raise ConvertError(f"{path}: {n} differs from the fp32 master weights in the optimizer "
+                                           f"files; the checkpoint's files do not belong together")
+                del obj
         for n in names:
-            yield n, out[n].view(self.plan.shapes[n])
+            parts = [t.view(shape) for t, shape in zip(out[n], self.plan.pieces.get(n, [self.plan.shapes[n]]))]
+            join = self.plan.join.get(n)
+            yield n, join(parts) if join is not None else parts[0]

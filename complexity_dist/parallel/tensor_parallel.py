@@ -60,6 +60,7 @@ complexity_dist/parallel/parallelize.py; on GPU it would sit behind the same sea
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -82,6 +83,35 @@ class ShardSpec:
     halves: bool = False
 
 
+# The plan above as a table by full-model parameter name: what readers of a tensor-parallel checkpoint
+# (complexity_dist/convert/reader.py) reassemble along. apply_tensor_parallel checks every shard it makes
+# against it, so the table cannot drift from the code that shards.
+_SHARD_TABLE = (
+    (re.compile(r"(model\.embed_tokens|lm_head)\.weight"), ShardSpec(0)),
+    (re.compile(r"model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|mu_to_q|mu_to_k|mu_to_v)\.weight"),
+     ShardSpec(0)),
+    (re.compile(r"model\.layers\.\d+\.self_attn\.o_proj\.weight"), ShardSpec(1)),
+    (re.compile(r"model\.layers\.\d+\.mlp\.gate_up_proj"), ShardSpec(2, halves=True)),
+    (re.compile(r"model\.layers\.\d+\.mlp\.down_proj"), ShardSpec(1)),
+)
+
+
+def shard_spec_of(name: str) -> ShardSpec | None:
+    """How apply_tensor_parallel splits the parameter `name`; None for a replicated one."""
+    return next((spec for pattern, spec in _SHARD_TABLE if pattern.fullmatch(name)), None)
+
+
+def unshard(pieces: list[torch.Tensor], spec: ShardSpec | None) -> torch.Tensor:
+    """The full tensor from the tp ranks' pieces (in tp-rank order): the inverse of `_shard`."""
+    if spec is None:
+        return pieces[0]
+    if spec.halves:
+        halves = [p.chunk(2, dim=spec.dim) for p in pieces]
+        return torch.cat([torch.cat([h[0] for h in halves], dim=spec.dim),
+                          torch.cat([h[1] for h in halves], dim=spec.dim)], dim=spec.dim)
+    return torch.cat(pieces, dim=spec.dim)
+
+
 def check_tensor_parallel(cfg: ModelConfig, tp: int, sequence_parallel: bool = False,
                           seq_len: int | None = None) -> None:
     """Raise ConfigError naming the numbers when `tp` cannot shard this model."""
@@ -99,13 +129,19 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int, sequence_parallel: bool = F
         raise ConfigError("; ".join(problems) + ": choose a tp that divides them (or resize the model)")
 
 
+def shard_of(full: torch.Tensor, tp: int, r: int, spec: ShardSpec | None) -> torch.Tensor:
+    """Rank r's piece of a full tensor (a view where possible; `full` itself when replicated)."""
+    if spec is None:
+        return full
+    if spec.halves:
+        gate, up = full.chunk(2, dim=spec.dim)
+        return torch.cat([gate.chunk(tp, dim=spec.dim)[r], up.chunk(tp, dim=spec.dim)[r]], dim=spec.dim)
+    return full.chunk(tp, dim=spec.dim)[r]
+
+
 def _shard(param: torch.Tensor, tp: int, r: int, spec: ShardSpec) -> nn.Parameter:
     with torch.no_grad():
-        if spec.halves:
-            gate, up = param.chunk(2, dim=spec.dim)
-            local = torch.cat([gate.chunk(tp, dim=spec.dim)[r], up.chunk(tp, dim=spec.dim)[r]], dim=spec.dim)
-        else:
-            local = param.chunk(tp, dim=spec.dim)[r]
+        local = shard_of(param, tp, r, spec)
     shard = nn.Parameter(local.clone().contiguous(), requires_grad=param.requires_grad)
     shard.tp_shard = spec
     return shard
@@ -339,6 +375,10 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
         for p in model.parameters():
             if not hasattr(p, "tp_shard"):
                 _mark_partial(p, g)
+    for name, p in model.named_parameters():
+        if getattr(p, "tp_shard", None) != shard_spec_of(name):
+            raise AssertionError(f"apply_tensor_parallel: {name} sharded as {getattr(p, 'tp_shard', None)}, "
+                                 f"shard_spec_of says {shard_spec_of(name)}: update _SHARD_TABLE")
     model.tp_group, model.sequence_parallel, model.linear_backend = g, sequence_parallel, backend
     return model
 

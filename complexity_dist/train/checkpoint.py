@@ -442,18 +442,20 @@ class Checkpointer:
         old_world = saved.trainer_state["world_size"]
         old = {k: saved.config["parallel"].get(k, 1) for k in ("tp", "pp", "ep")}
         new = {k: getattr(cfg.parallel, k) for k in ("tp", "pp", "ep")}
-        if max(old.values()) == 1 and max(new.values()) == 1:
-            return  # data parallel only: any ZeRO stage and size resumes (complexity_dist/train/reshard.py)
+        if old["pp"] == 1 and new["pp"] == 1:
+            # any data/tensor/expert-parallel layout, ZeRO stage and size resumes under any other
+            # (complexity_dist/train/reshard.py)
+            return
         old_zero = saved.config["parallel"]["zero_stage"]
         if old != new or old_world != world_size or old_zero != cfg.parallel.zero_stage:
             fmt = lambda d, w, z: (" ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
                                    + f" on {w} process(es) (zero_stage={z})")
             raise CheckpointMismatch(
                 f"checkpoint {saved.path} was written with the layout parallel.{fmt(old, old_world, old_zero)}; "
-                f"this run has parallel.{fmt(new, world_size, cfg.parallel.zero_stage)}. Resume a tensor/pipeline/"
-                f"expert-parallel checkpoint with its own layout: resharding is implemented for data-parallel "
-                f"layouts only (ZeRO stage, data-parallel size; complexity_dist/train/reshard.py says what "
-                f"tp/ep would need)")
+                f"this run has parallel.{fmt(new, world_size, cfg.parallel.zero_stage)}. Resume a pipeline-"
+                f"parallel checkpoint with its own layout, and resume into parallel.pp > 1 only from a checkpoint "
+                f"of the same layout: resharding reads and writes data/tensor/expert-parallel layouts only "
+                f"(complexity_dist/train/reshard.py)")
 
     # --- writing (all ranks) -----------------------------------------------------------------------------
 

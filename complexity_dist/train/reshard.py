@@ -1,16 +1,20 @@
-"""Resuming a checkpoint under another data-parallel layout (ZeRO stage 0-3, data-parallel size), optimizer
-state included.
+"""Resuming a checkpoint under another layout (ZeRO stage 0-3, data-parallel size, tensor-parallel size tp,
+expert-parallel size ep), optimizer state included. Pipeline-parallel layouts are not resharded
+(`Checkpointer.check_compatible` refuses a pp > 1 checkpoint under another layout, and any other layout into
+pp > 1).
 
 Design decision: our own resharding, not DeepSpeed's universal checkpoint. `ds_to_universal` converts
 through files it reads with torch.load(weights_only=False), while every checkpoint read here goes through
 `complexity_dist.train.checkpoint.safe_load` (nothing read can run code). It would also write a second copy
 of the checkpoint. Instead:
 1. complexity_dist/convert/reader.py (the reader `convert to-hf` uses) assembles each parameter's full fp32
-   master weight and Adam moments (`exp_avg`, `exp_avg_sq`) from whatever ZeRO 0-3 layout wrote them, plus
-   Adam's step count;
+   master weight and Adam moments (`exp_avg`, `exp_avg_sq`) from whatever layout wrote them (ZeRO 0-3 data
+   parallel; ZeRO 1/2 with tp/ep: pieces from every model-parallel rank's files), plus Adam's step count;
 2. the engine of the new layout is built as usual; its optimizer state is created empty-but-present (torch's
-   AdamW creates it lazily at the first step), then every parameter is set, one at a time, through
-   DeepSpeed's state APIs: `deepspeed.utils.safe_set_full_fp32_param` / `safe_set_full_optimizer_state`
+   AdamW creates it lazily at the first step), then every parameter is set, one at a time: the full tensor is
+   cut to this rank's piece of the new layout (`_local_piece`: expert rows e mod ep, then the tensor-parallel
+   slice of tensor_parallel.shard_of) and set through DeepSpeed's state APIs:
+   `deepspeed.utils.safe_set_full_fp32_param` / `safe_set_full_optimizer_state`
    for ZeRO 1/2 (each rank copies the fragment its partition owns), ZeRO 3's partition of the optimizer's
    flat fp32 group (the stage-3 `set_full_hp_param` assumes numel divisible by the world size, so the slice
    is taken here), and the module (low-precision or fp32 copy the forward uses) through
@@ -24,12 +28,7 @@ of the checkpoint. Instead:
    dropout and the data order is a function of (seed, sample position), so no random draw enters the math.
 
 Each rank reads every parameter in full (CPU memory: one reader batch, complexity_dist/convert/reader.py
-DEFAULT_BUDGET, plus one parameter) and keeps its slice.
-
-Tensor/expert-parallel layouts (parallel.tp/ep, complexity_dist/parallel/parallelize.py) are refused by
-`Checkpointer.check_compatible`: resharding them needs a reader planner that gathers each parameter from every
-model-parallel rank's files along the dimension parallelize.py splits it (and the expert rows e mod ep from
-the rank files), and a setter that slices the full tensor by the new layout before the steps above.
+DEFAULT_BUDGET, plus one parameter) and keeps its piece.
 """
 from __future__ import annotations
 
@@ -50,11 +49,12 @@ def is_data_parallel(parallel: dict) -> bool:
 
 
 def needs_reshard(saved: SavedRun, cfg: Config, world_size: int) -> bool:
-    """True when the checkpoint's ZeRO stage or data-parallel size differs from this run's (and both are
-    data-parallel only; check_compatible refuses the rest)."""
+    """True when the checkpoint's ZeRO stage, data-parallel size or tensor/expert-parallel layout differs from
+    this run's (check_compatible has refused what cannot be resharded)."""
     old = saved.config["parallel"]
     return (int(old.get("zero_stage", 0)) != cfg.parallel.zero_stage
-            or int(saved.trainer_state["world_size"]) != world_size)
+            or int(saved.trainer_state["world_size"]) != world_size
+            or any(int(old.get(k, 1)) != getattr(cfg.parallel, k) for k in ("tp", "pp", "ep")))
 
 
 def open_reader(saved: SavedRun):
@@ -100,9 +100,27 @@ def _set_zero3_partition(opt, param, value: torch.Tensor, key: str | None) -> No
     part.data[:hi - lo].copy_(flat[lo:hi].to(part.dtype))
 
 
-def load_resharded(engine, saved: SavedRun, reader=None) -> dict:
-    """Loads a checkpoint written under another data-parallel layout into `engine`; returns the rank state
-    the trainer restores from (the loader's global position). Every rank calls it (ZeRO 3 gathers)."""
+def _local_piece(value: torch.Tensor, param, layout) -> torch.Tensor:
+    """This rank's piece of a full tensor under the engine's layout (complexity_dist/parallel/parallelize.py
+    `Parallelized`): the expert rows e mod ep = its EP rank, then its tensor-parallel slice."""
+    from complexity_dist.parallel.comm import group_rank, group_size
+    from complexity_dist.parallel.expert_parallel import local_experts
+    from complexity_dist.parallel.tensor_parallel import shard_of
+
+    if layout is None:
+        return value
+    if layout.ep_group is not None and not getattr(param, "allreduce", True):
+        value = value[local_experts(value.shape[0], group_size(layout.ep_group), group_rank(layout.ep_group))]
+    spec = getattr(param, "tp_shard", None)
+    if spec is not None:
+        value = shard_of(value, group_size(layout.tp_group), group_rank(layout.tp_group), spec)
+    return value
+
+
+def load_resharded(engine, saved: SavedRun, reader=None, layout=None) -> dict:
+    """Loads a checkpoint written under another layout into `engine`, whose model is parallelized as
+    `layout` (a parallelize.Parallelized; None: data parallel); returns the rank state the trainer restores
+    from (the loader's global position). Every rank calls it (ZeRO 3 gathers)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from deepspeed.runtime.zero import GatheredParameters
 
@@ -118,6 +136,11 @@ def load_resharded(engine, saved: SavedRun, reader=None) -> dict:
     for key in (None, *ADAM_STATES):  # one pass per kind of state, one parameter at a time
         for name, value in reader.read(names, key):
             p = params[name]
+            value = _local_piece(value, p, layout)
+            shape = getattr(p, "ds_shape", p.shape)  # ZeRO 3 keeps the shape there (p itself is partitioned)
+            if value.shape != shape:
+                raise CheckpointMismatch(f"checkpoint {saved.path}: {name} assembles to {tuple(value.shape)} for "
+                                         f"this rank, the model holds {tuple(shape)}")
             if key is None:  # the copy the forward uses, then the fp32 master
                 with GatheredParameters([p], modifier_rank=0) if zero == 3 else nullcontext():
                     if zero != 3 or dist.get_rank() == 0:

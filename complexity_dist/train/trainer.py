@@ -113,17 +113,17 @@ class Trainer:
         self.step, self.tokens_seen, self.skipped_total = 0, 0, 0
         loader_state = None
         if saved is not None:
-            if needs_reshard(saved, cfg, env.world_size):  # another ZeRO stage or data-parallel size
-                rank_state = load_resharded(self.engine, saved)
+            if needs_reshard(saved, cfg, env.world_size):  # another ZeRO stage, data-parallel size, tp or ep
+                rank_state = load_resharded(self.engine, saved, layout=self.plan)  # sets the expert rows too
             else:
                 rank_state = self.checkpointer.load(self.engine, saved)
+                if self.plan.expert_parallel:
+                    # DeepSpeed's model file holds one data-parallel rank's experts; each rank keeps its own rows
+                    load_expert_state(self.engine.module, rank_state["experts"])
             self.step = saved.trainer_state["step"]
             self.tokens_seen = saved.trainer_state["tokens_seen"]
             self.skipped_total = saved.trainer_state["skipped_total"]
             loader_state = rank_state.get("loader")  # None in a checkpoint made by `convert from-hf`
-            if self.plan.expert_parallel:
-                # DeepSpeed's model file holds one data-parallel rank's experts; each rank keeps its own rows
-                load_expert_state(self.engine.module, rank_state["experts"])
         data_path = resolve_data_path(cfg, env)
         self.loader = TokenLoader(data_path, cfg.data.seq_len, env.layout.micro_batch,
                                   dp_rank=env.dp_rank, dp_size=env.layout.dp, seed=cfg.train.seed,
