@@ -30,6 +30,8 @@ PRESET = "configs/150m.yaml"
 
 
 def models(*overrides):
+    # straight_through: mu_router gets a gradient too (with "hard" routing it has none to compare)
+    overrides = ("model.mu_router=straight_through", *overrides)
     cfg = load_config(PRESET, ["data.seq_len=1024", *overrides])
     torch.manual_seed(0)
     ref = ComplexityForCausalLM(cfg.model).cuda().bfloat16()
@@ -43,6 +45,8 @@ def loss_and_grads(model, ids):
     model.zero_grad(set_to_none=True)
     loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
     loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without a gradient: {missing}"
     return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}
 
 
