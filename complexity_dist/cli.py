@@ -60,7 +60,8 @@ def _info(args: argparse.Namespace) -> int:
         extras.append(f"vocabulary padding to a multiple of tp {padding:,}")
     print(check + (f" = total {counts.total:,} + " + " + ".join(extras) if extras else " = total"))
     print("training memory per GPU (estimate, GiB): " +
-          ", ".join(f"{k} {v:.1f}" for k, v in mem.items()))
+          ", ".join(f"{k} {v:.1f}" for k, v in mem.items()) +
+          f" (activations with train.activation_checkpointing={cfg.train.activation_checkpointing})")
     if args.preflight:
         from complexity_dist.train.trainer import preflight
 

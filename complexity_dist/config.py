@@ -169,7 +169,10 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     log_every: int = 1
     max_consecutive_skips: int = 5
-    activation_checkpointing: bool = False
+    # what each decoder layer keeps for backward: none (everything), selective (the outputs of GEMMs,
+    # attention and collectives; the elementwise work is recomputed) or full (the layer's inputs only; the
+    # whole layer is recomputed). complexity_dist/model/checkpointing.py. true/false of older configs = full/none
+    activation_checkpointing: str = "none"
     compile: bool = False  # torch.compile each decoder layer (fuses the norm/dynamics/SwiGLU elementwise work)
     # FP8 GEMMs of the projections (model.linear_backend=te): none | delayed | current scaling
     # (complexity_dist/parallel/te_backend.py)
@@ -187,6 +190,9 @@ class TrainConfig:
         _require(self.micro_batch >= 0, f"train.micro_batch={self.micro_batch} must be >= 0 (0 = automatic)")
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("train.fp8", self.fp8, ("none", "delayed", "current"))
+        if isinstance(self.activation_checkpointing, bool):  # a TrainConfig built in Python the old way
+            self.activation_checkpointing = _LEGACY_BOOLS["train.activation_checkpointing"][self.activation_checkpointing]
+        _choice("train.activation_checkpointing", self.activation_checkpointing, ("none", "selective", "full"))
         _require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
         _require(self.max_consecutive_skips >= 1,
                  f"train.max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
@@ -469,6 +475,10 @@ def _section_types(section_cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
+# keys that were booleans once: what true/false of an old config (or a checkpoint's config.json) now mean
+_LEGACY_BOOLS = {"train.activation_checkpointing": {True: "full", False: "none"}}
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections:
@@ -478,6 +488,8 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
     if key not in types:
         raise ConfigError(f"unknown config key {section}.{key} in {source}; "
                           f"keys of {section} are: {', '.join(types)}")
+    if isinstance(value, bool) and f"{section}.{key}" in _LEGACY_BOOLS:
+        value = _LEGACY_BOOLS[f"{section}.{key}"][value]
     setattr(sec, key, _coerce(f"{section}.{key}", value, types[key]))
 
 

@@ -164,7 +164,7 @@ def test_evaluator_is_the_token_mean_over_fixed_samples_in_eval_mode(unique_data
                  "model.num_attention_heads=4", "model.num_key_value_heads=2")
     torch.manual_seed(0)
     model = ComplexityForCausalLM(cfg.model)
-    model.model.gradient_checkpointing = True  # only in train mode: eval must switch it off
+    model.model.activation_checkpointing = "full"  # only in train mode: eval must switch it off
     model.train()
     path, part = heldout_source(cfg, unique_dataset)
     loader = TokenLoader(path, SEQ, 2, dp_rank=0, dp_size=1, seed=cfg.train.seed, shards=part)

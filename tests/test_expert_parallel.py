@@ -67,7 +67,7 @@ def _check_case(rank, group, override_layer, checkpointing):
         want = ref_state[name][rank::EP] if name.endswith(("gate_up_proj", "down_proj")) else ref_state[name]
         assert torch.equal(ep_state[name], want), name
 
-    ep_model.model.gradient_checkpointing = checkpointing
+    ep_model.model.activation_checkpointing = checkpointing
     ids = _batch(rank)
     out = ep_model(ids, targets=ids)
     torch.testing.assert_close(out.logits, ref_logits, **TOL)
@@ -132,7 +132,7 @@ def _worker(rank, port):
         group = dist.new_group([0, 1])
 
         # 1. no override: one plan for the micro-batch, reused by all 3 layers
-        model, cache = _check_case(rank, group, override_layer=None, checkpointing=False)
+        model, cache = _check_case(rank, group, override_layer=None, checkpointing="none")
         assert cache.builds == 1, cache.builds
         assert routed_override_fraction(model) == 0.0
         # a new micro-batch rebuilds once, also when it is refilled into the same tensor in place
@@ -147,7 +147,7 @@ def _worker(rank, port):
 
         # 2. layer 1's mu override moves tokens: that layer rebuilds its plan (in the forward and in the
         # checkpointed recompute), layers 0 and 2 reuse the base plan; EP still equals one process
-        model, cache = _check_case(rank, group, override_layer=1, checkpointing=True)
+        model, cache = _check_case(rank, group, override_layer=1, checkpointing="full")
         fracs = [float(layer.mlp.routed_override_frac) for layer in model.model.layers]
         assert fracs[0] == fracs[2] == 0.0 and 0.0 < fracs[1] < 1.0, fracs
         assert abs(routed_override_fraction(model) - fracs[1] / 3) < 1e-6

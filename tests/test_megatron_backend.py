@@ -21,7 +21,7 @@ from complexity_dist.parallel.tensor_parallel import apply_tensor_parallel, full
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def run_case(tp_group, tie: bool, checkpointing: bool):
+def run_case(tp_group, tie: bool, checkpointing: str):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     what = f"{tie=} {checkpointing=}"
@@ -35,14 +35,14 @@ def run_case(tp_group, tie: bool, checkpointing: bool):
     assert all(isinstance(layer.self_attn.o_proj, RowParallelLinear) for layer in meg.model.layers)
     assert (meg.lm_head.weight is meg.model.embed_tokens.weight) == tie
     ids, targets = batch()
-    ref.model.gradient_checkpointing = checkpointing
+    ref.model.activation_checkpointing = checkpointing
     out_ref = ref(ids, targets=targets)
     out_ref.loss.backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     expected = ref.state_dict()
     results = {}
     for name, model in models.items():
-        model.model.gradient_checkpointing = checkpointing
+        model.model.activation_checkpointing = checkpointing
         out = model(ids, targets=targets)
         out.loss.backward()
         torch.testing.assert_close(out.loss, out_ref.loss, **TOL, msg=lambda m: f"{what} {name} loss: {m}")
@@ -75,8 +75,8 @@ def worker(rank, port, failures):
         # as the trainer (complexity_dist/parallel/groups.py): megatron-core's groups exist
         parallel_state.initialize_model_parallel(2, create_gloo_process_groups=False)
         group = parallel_state.get_tensor_model_parallel_group()
-        run_case(group, tie=True, checkpointing=False)
-        run_case(group, tie=False, checkpointing=True)
+        run_case(group, tie=True, checkpointing="none")
+        run_case(group, tie=False, checkpointing="full")
         with pytest.raises(ConfigError, match="sequence_parallel"):
             apply_tensor_parallel(ComplexityForCausalLM(config()), group, sequence_parallel=True, backend="megatron")
     except BaseException as e:

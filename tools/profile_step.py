@@ -23,7 +23,7 @@ def main() -> None:
     args = ap.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
     model = ComplexityForCausalLM(cfg.model).cuda().to(torch.bfloat16)
-    model.model.gradient_checkpointing = cfg.train.activation_checkpointing
+    model.model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
         model.compile_layers()
     S = cfg.data.seq_len

@@ -135,8 +135,16 @@ def training_memory_gib(cfg: Config, world_size: int) -> dict[str, float]:
     # saved activations per token and layer, in elements: norms, qkv, attention out, dynamics (controller
     # 3H, mu, v, a), router and expert intermediate; the expert intermediate is split by tensor parallel
     per_layer = 16 * H + 3 * m.expert_intermediate_size / layout.tp
-    if cfg.train.activation_checkpointing:
-        per_layer = 4 * H
+    kept_inputs = 4 * H  # a checkpointed layer keeps its inputs x, v, mu_prev, highway
+    if cfg.train.activation_checkpointing == "full":
+        per_layer = kept_inputs
+    elif cfg.train.activation_checkpointing == "selective":
+        # the inputs plus the outputs of the GEMMs and attention (complexity_dist/model/checkpointing.py):
+        # q|k|v and attention out (tensor-parallel slices), o_proj, controller in/out, mu_proj, router,
+        # expert gate|up (split by tensor parallel) and down
+        per_layer = (kept_inputs + (2 * m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim / layout.tp
+                     + H + m.dynamics_controller_hidden + 3 * H + H + m.num_experts
+                     + 2 * m.expert_intermediate_size / layout.tp + H)
     acts = tokens * L * per_layer * w_bytes
     if stage.holds_head:
         acts += tokens * math.ceil(m.vocab_size / layout.tp) * 4 * 2  # fp32 logits (vocab slice) and their grad

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from complexity_dist.config import ModelConfig
+from complexity_dist.model.checkpointing import MODES, run_checkpointed
 from complexity_dist.kernels.linear_cross_entropy import fused_linear_cross_entropy
 from complexity_dist.model.attention import LayerKVCache, MuGuidedAttention
 from complexity_dist.model.dynamics import INLDynamics
@@ -25,10 +25,21 @@ class DecoderLayer(nn.Module):
         self.dynamics = INLDynamics(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = TokenRoutedMLP(cfg)
+        # none | selective | full (complexity_dist/model/checkpointing.py); set through
+        # ComplexityModel.activation_checkpointing. Decided here, inside the layer, so that a compiled layer
+        # (compile_layers) traces the checkpoint with it, as torchtitan compiles its checkpointed blocks.
+        self.activation_checkpointing = "none"
 
     def forward(self, x, v, mu_prev, highway, token_ids, cos, sin, cache=None):
         """(x, v, mu_prev, highway) in, the same four out: exactly what a pipeline stage boundary carries.
         v, mu_prev and highway are None at layer 0."""
+        if self.training and cache is None:
+            return run_checkpointed(self.activation_checkpointing, self.step, x, v, mu_prev, highway,
+                                    token_ids, cos, sin)
+        return self.step(x, v, mu_prev, highway, token_ids, cos, sin, cache)
+
+    def step(self, x, v, mu_prev, highway, token_ids, cos, sin, cache=None):
+        """The layer's math (forward, without checkpointing)."""
         a = self.self_attn(self.input_layernorm(x), mu_prev, cos, sin, cache)
         a_next, v_next, mu = self.dynamics(a, v)
         x = x + a_next
@@ -47,7 +58,18 @@ class ComplexityModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.max_positions = cfg.max_position_embeddings
-        self.gradient_checkpointing = False
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """none | selective | full: what each decoder layer keeps for backward in training mode."""
+        return self.layers[0].activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"activation checkpointing {mode!r} is not one of {', '.join(MODES)}")
+        for layer in self.layers:
+            layer.activation_checkpointing = mode
 
     def forward(self, input_ids: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
         S = input_ids.shape[1]
@@ -60,11 +82,7 @@ class ComplexityModel(nn.Module):
         v = mu_prev = highway = None
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training:
-                x, v, mu_prev, highway = checkpoint(layer, x, v, mu_prev, highway, input_ids, cos, sin,
-                                                    use_reentrant=False)
-            else:
-                x, v, mu_prev, highway = layer(x, v, mu_prev, highway, input_ids, cos, sin, layer_cache)
+            x, v, mu_prev, highway = layer(x, v, mu_prev, highway, input_ids, cos, sin, layer_cache)
         return self.norm(x)
 
 
@@ -149,6 +167,10 @@ class ComplexityForCausalLM(nn.Module):
     def compile_layers(self) -> None:
         """torch.compile each decoder layer in place (per-block, as torchtitan does): most of a layer's
         time in eager mode is elementwise work (norms, INL dynamics, SwiGLU) that the compiler fuses."""
+        # the one side effect in a layer's forward is TokenRoutedMLP.routed_override_frac (a metric): dynamo
+        # refuses to trace a checkpoint (train.activation_checkpointing) that has one, falling back to eager
+        # for the whole layer; not replaying it in the recompute loses nothing (it would write the same value)
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         for layer in self.model.layers:
             layer.compile()
 

@@ -134,10 +134,10 @@ def _te_problems(cfg: Config) -> list[str]:
         for name, value in sizes.items():
             if value % 16:
                 problems.append(f"train.fp8={fp8}: FP8 GEMMs need {name}={value} divisible by 16")
-        if cfg.train.activation_checkpointing:
-            problems.append(f"train.fp8={fp8} with train.activation_checkpointing=true: the recomputed forward "
-                            f"would run outside FP8 autocast and differ from the saved one; set "
-                            f"train.activation_checkpointing=false")
+        if cfg.train.activation_checkpointing != "none":
+            problems.append(f"train.fp8={fp8} with train.activation_checkpointing="
+                            f"{cfg.train.activation_checkpointing}: the recomputed forward would run outside FP8 "
+                            f"autocast and differ from the saved one; set train.activation_checkpointing=none")
     return problems
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from complexity_dist.config import Config, Layout
 from complexity_dist.model.layers import compute_dtype, rope_tables
@@ -99,12 +98,13 @@ class _ZeroGradTo(torch.autograd.Function):
 class DecoderLayerPipe(nn.Module):
     """One DecoderLayer of the model, taking and returning what a stage boundary carries."""
 
-    def __init__(self, model, index: int, gradient_checkpointing: bool):
+    def __init__(self, model, index: int, activation_checkpointing: str):
         super().__init__()
         self.layer = model.model.layers[index]
         self.is_last = index == len(model.model.layers) - 1
         self.head_dim, self.rope_theta = model.model.head_dim, model.model.rope_theta
-        self.gradient_checkpointing = gradient_checkpointing
+        # the layer checkpoints itself in training mode (DecoderLayer.forward), as in the single-process model
+        self.layer.activation_checkpointing = activation_checkpointing
 
     def forward(self, inputs):
         if len(inputs) == 2:  # layer 0: what the single-process model passes as None
@@ -113,10 +113,7 @@ class DecoderLayerPipe(nn.Module):
         else:
             x, v, mu_prev, highway, ids = inputs
         cos, sin = rope_tables(self.head_dim, 0, ids.shape[1], self.rope_theta, compute_dtype(x.dtype), x.device)
-        if self.gradient_checkpointing and self.training:
-            out = checkpoint(self.layer, x, v, mu_prev, highway, ids, cos, sin, use_reentrant=False)
-        else:
-            out = self.layer(x, v, mu_prev, highway, ids, cos, sin)
+        out = self.layer(x, v, mu_prev, highway, ids, cos, sin)
         if self.is_last and highway is not None and highway.requires_grad:
             out = (_ZeroGradTo.apply(out[0], highway), *out[1:])
         return (*out, ids)

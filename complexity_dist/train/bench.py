@@ -112,7 +112,7 @@ def bench_complexity(cfg: Config, env, bf16: bool, steps: int, warmup: int) -> B
 
     torch.manual_seed(cfg.train.seed)
     model = ComplexityForCausalLM(cfg.model).to(env.device)
-    model.model.gradient_checkpointing = cfg.train.activation_checkpointing
+    model.model.activation_checkpointing = cfg.train.activation_checkpointing
     parallelize(model, cfg, None)  # one GPU: only model.linear_backend / train.fp8 apply
     if cfg.train.compile:
         model.compile_layers()

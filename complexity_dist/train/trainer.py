@@ -94,7 +94,7 @@ class Trainer:
         # under pp the full model stays in host memory: DeepSpeed's PipelineModule moves only this rank's stage
         # to the device (the other stages' modules are never used here)
         model = ComplexityForCausalLM(cfg.model).to(env.device if env.layout.pp == 1 else torch.device("cpu"))
-        model.model.gradient_checkpointing = cfg.train.activation_checkpointing
+        model.model.activation_checkpointing = cfg.train.activation_checkpointing
         # the layout (tensor/sequence/expert parallel) applied to the plain model, before compile and engine
         self.plan = parallelize(model, cfg, env.groups)
         if cfg.train.compile:
