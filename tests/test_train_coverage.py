@@ -1,5 +1,6 @@
 """What users run, exercised in CI with few launches: one process ZeRO-0 (the reference), two processes
-ZeRO-1 and ZeRO-3 (the GPU presets use ZeRO-1), compile + activation checkpointing, `complexity-dist smoke`.
+ZeRO-1 and ZeRO-3 (the GPU presets use ZeRO-1), selective activation checkpointing (alone and compiled),
+`complexity-dist smoke`.
 Every launch evaluates held-out shards, so the same runs check validation loss across dp sizes; plus the
 schedule and the weight-decay groups against hand-computed values."""
 import math
@@ -88,10 +89,24 @@ def test_trainer_never_reads_the_heldout_shard(reference, dataset):  # noqa: F81
     assert state["dataset"] != index.fingerprint
 
 
+def test_selective_activation_checkpointing_trains_like_plain(tmp_path, reference, dataset):  # noqa: F811
+    """train.activation_checkpointing=selective through the whole training path: the same losses as the
+    reference run, which keeps every activation (recomputing the elementwise work changes no value)."""
+    run_dir = tmp_path / "run"
+    run(train_cmd(run_dir, dataset, *COMMON, "parallel.zero_stage=0", "train.activation_checkpointing=selective",
+                  "checkpoint.enabled=false"))
+    plain, selective = metrics(reference[0]), metrics(run_dir)
+    assert len(selective) == STEPS
+    for a, b in zip(selective, plain):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a["step"], a["loss"], b["loss"])
+
+
 def test_compile_and_activation_checkpointing_train_like_plain(tmp_path, reference, dataset):  # noqa: F811
+    """Selective checkpointing compiled inside each layer (the layer's compiled forward traces the checkpoint
+    and its policy, as torchtitan compiles its checkpointed blocks)."""
     run_dir = tmp_path / "run"
     run(train_cmd(run_dir, dataset, f"train.steps={STEPS}", "data.val_shards=1", "train.compile=true",
-                  "train.activation_checkpointing=true", "checkpoint.enabled=false"))
+                  "train.activation_checkpointing=selective", "checkpoint.enabled=false"))
     plain, fused = metrics(reference[0]), metrics(run_dir)
     assert len(fused) == STEPS
     for a, b in zip(fused, plain):
