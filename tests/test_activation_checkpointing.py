@@ -118,6 +118,14 @@ def test_old_boolean_values_load(tmp_path):
         load_config(None, ["train.activation_checkpointing=partial"])
 
 
+def test_selective_with_transformer_engine_is_refused():
+    from complexity_dist.parallel.parallelize import check_parallelize
+
+    with pytest.raises(ConfigError, match="model.linear_backend=te with train.activation_checkpointing=selective: "
+                                          "Transformer Engine's GEMMs"):
+        check_parallelize(load_config(None, ["model.linear_backend=te", "train.activation_checkpointing=selective"]))
+
+
 def test_pipeline_stage_layer_checkpoints_like_the_model():
     """A pipeline stage's DecoderLayerPipe runs the model's own layer with the configured mode (no checkpoint
     of its own): the stage boundary tuple and the gradients are those of the plain layer."""

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from complexity_dist.config import ModelConfig
-from complexity_dist.model.checkpointing import MODES, run_checkpointed
 from complexity_dist.kernels.linear_cross_entropy import fused_linear_cross_entropy
 from complexity_dist.model.attention import LayerKVCache, MuGuidedAttention
+from complexity_dist.model.checkpointing import MODES, run_checkpointed
 from complexity_dist.model.dynamics import INLDynamics
 from complexity_dist.model.experts import TokenRoutedMLP
 from complexity_dist.model.layers import RMSNorm, compute_dtype, rope_tables

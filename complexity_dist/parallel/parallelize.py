@@ -21,8 +21,9 @@ optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weig
 messages): pipeline parallelism other than with ZeRO 1 (and with expert parallel or compile), tensor or expert
 parallel with ZeRO 0, expert parallel with ZeRO 3, sequence parallel with expert parallel, and the
 model.linear_backend values that cannot run with the layout or on this machine (te on CPU or without Transformer
-Engine, FP8 on a GPU without it or with sizes not divisible by 16, FP8 with activation checkpointing; megatron
-with tp=1, sequence parallel, pipeline parallel or train.compile; train.fp8 without te).
+Engine, FP8 on a GPU without it or with sizes not divisible by 16, FP8 with activation checkpointing, te with
+selective activation checkpointing; megatron with tp=1, sequence parallel, pipeline parallel or train.compile;
+train.fp8 without te).
 
 What combines, each proven equal to one process through the trainer (tests/test_parallel_train.py,
 tests/test_parallel_zero3.py, tests/test_pipeline_train.py): TP (+SP) and EP with ZeRO 1 and 2, TP x EP, TP
@@ -97,6 +98,12 @@ def linear_backend_problems(cfg: Config) -> list[str]:
     backend, p = cfg.model.linear_backend, cfg.parallel
     problems = []
     if backend == "te":
+        if cfg.train.activation_checkpointing == "selective":
+            problems.append("model.linear_backend=te with train.activation_checkpointing=selective: Transformer "
+                            "Engine's GEMMs are its own kernels, not the aten matmuls whose outputs the selective "
+                            "policy saves (complexity_dist/model/checkpointing.py), so they would be recomputed "
+                            "(full's cost; not verified); use train.activation_checkpointing=full or none, or "
+                            "model.linear_backend=torch")
         problems += _te_problems(cfg)
     elif cfg.train.fp8 != "none":
         problems.append(f"train.fp8={cfg.train.fp8} runs the projections through Transformer Engine and needs "
