@@ -148,3 +148,15 @@ def test_pipeline_stage_layer_checkpoints_like_the_model():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(results["selective"][1], results["none"][1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_info_estimates_each_mode(root):
+    """`complexity-dist info`'s activation estimate: selective between none and full (150m preset, 1 GPU and
+    tp=2, where selective's sharded GEMM outputs shrink)."""
+    from complexity_dist.model.accounting import training_memory_gib
+
+    for world, extra in ((1, []), (2, ["parallel.tp=2", "parallel.zero_stage=1"])):
+        acts = {mode: training_memory_gib(load_config(root / "configs/150m.yaml",
+                                                      [f"train.activation_checkpointing={mode}", *extra]),
+                                          world)["activations"] for mode in MODES}
+        assert acts["full"] < acts["selective"] < acts["none"], (world, acts)
