@@ -191,7 +191,8 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("train.fp8", self.fp8, ("none", "delayed", "current"))
         if isinstance(self.activation_checkpointing, bool):  # a TrainConfig built in Python the old way
-            self.activation_checkpointing = _LEGACY_BOOLS["train.activation_checkpointing"][self.activation_checkpointing]
+            old = self.activation_checkpointing
+            self.activation_checkpointing = _LEGACY_BOOLS["train.activation_checkpointing"][old]
         _choice("train.activation_checkpointing", self.activation_checkpointing, ("none", "selective", "full"))
         _require(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
         _require(self.max_consecutive_skips >= 1,
