@@ -442,9 +442,9 @@ class Checkpointer:
         old_world = saved.trainer_state["world_size"]
         old = {k: saved.config["parallel"].get(k, 1) for k in ("tp", "pp", "ep")}
         new = {k: getattr(cfg.parallel, k) for k in ("tp", "pp", "ep")}
-        if old["pp"] == 1 and new["pp"] == 1:
-            # any data/tensor/expert-parallel layout, ZeRO stage and size resumes under any other
-            # (complexity_dist/train/reshard.py)
+        if new["pp"] == 1:
+            # any layout, pipeline-parallel ones included, ZeRO stage and size resumes under any
+            # data/tensor/expert-parallel one (complexity_dist/train/reshard.py)
             return
         old_zero = saved.config["parallel"]["zero_stage"]
         if old != new or old_world != world_size or old_zero != cfg.parallel.zero_stage:
@@ -452,10 +452,10 @@ class Checkpointer:
                                    + f" on {w} process(es) (zero_stage={z})")
             raise CheckpointMismatch(
                 f"checkpoint {saved.path} was written with the layout parallel.{fmt(old, old_world, old_zero)}; "
-                f"this run has parallel.{fmt(new, world_size, cfg.parallel.zero_stage)}. Resume a pipeline-"
-                f"parallel checkpoint with its own layout, and resume into parallel.pp > 1 only from a checkpoint "
-                f"of the same layout: resharding reads and writes data/tensor/expert-parallel layouts only "
-                f"(complexity_dist/train/reshard.py)")
+                f"this run has parallel.{fmt(new, world_size, cfg.parallel.zero_stage)}. Resuming into "
+                f"parallel.pp > 1 needs a checkpoint of that same layout: resharding writes data/tensor/expert-"
+                f"parallel layouts only (complexity_dist/train/reshard.py). Resume this checkpoint with its own "
+                f"layout, or with parallel.pp=1 (any ZeRO stage, tp, ep and data-parallel size)")
 
     # --- writing (all ranks) -----------------------------------------------------------------------------
 

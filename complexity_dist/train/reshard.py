@@ -1,7 +1,9 @@
 """Resuming a checkpoint under another layout (ZeRO stage 0-3, data-parallel size, tensor-parallel size tp,
-expert-parallel size ep), optimizer state included. Pipeline-parallel layouts are not resharded
-(`Checkpointer.check_compatible` refuses a pp > 1 checkpoint under another layout, and any other layout into
-pp > 1).
+expert-parallel size ep), optimizer state included; a pipeline-parallel checkpoint (pp > 1, ZeRO 1, with or
+without tp) resumes under any of those with pp = 1. Resharding INTO pp > 1 is not done
+(`Checkpointer.check_compatible` refuses another layout into pp > 1): it would set each stage's fragment of
+the pipe-named parameters (complexity_dist/parallel/pipeline.py pipe_parameter_names) and both copies of the
+tied embedding.
 
 Design decision: our own resharding, not DeepSpeed's universal checkpoint. `ds_to_universal` converts
 through files it reads with torch.load(weights_only=False), while every checkpoint read here goes through
@@ -9,7 +11,8 @@ through files it reads with torch.load(weights_only=False), while every checkpoi
 of the checkpoint. Instead:
 1. complexity_dist/convert/reader.py (the reader `convert to-hf` uses) assembles each parameter's full fp32
    master weight and Adam moments (`exp_avg`, `exp_avg_sq`) from whatever layout wrote them (ZeRO 0-3 data
-   parallel; ZeRO 1/2 with tp/ep: pieces from every model-parallel rank's files), plus Adam's step count;
+   parallel; ZeRO 1/2 with tp/ep, ZeRO 1 with pp (and tp): pieces from every model-parallel rank's files),
+   plus Adam's step count;
 2. the engine of the new layout is built as usual; its optimizer state is created empty-but-present (torch's
    AdamW creates it lazily at the first step), then every parameter is set, one at a time: the full tensor is
    cut to this rank's piece of the new layout (`_local_piece`: expert rows e mod ep, then the tensor-parallel
