@@ -1,11 +1,15 @@
 """Pipeline-parallel checkpoints read back (complexity_dist/convert/reader.py `_zero12_plan` with
 parallel.pp > 1: DeepSpeed's per-stage ZeRO-1 optimizer files, named by its PipelineModule): exported by
-`convert to-hf`, and resumed as data parallel on one process (complexity_dist/train/reshard.py), Adam moments
-included.
+`convert to-hf`, and resumed under another layout (complexity_dist/train/reshard.py), Adam moments included:
+PP2 -> data parallel on one process -> PP2 again.
 
-One 2-process launch (gloo, fp32, parallel.pp=2, ZeRO 1, 4 steps, a checkpoint at step 2) writes its gathered
-full weights after every step (COMPLEXITY_DIST_DUMP_WEIGHTS, pipeline.full_state_dict). The tiny model's tied
-embedding/lm_head lives on both stages; stage 1 holds decoder layer 1 and the final norm.
+    pp2       2 processes, parallel.pp=2, ZeRO 1, 4 steps, a checkpoint at step 2: the uninterrupted run
+    dp        pp2's step-2 checkpoint resumed on 1 process under ZeRO 3 (steps 3, 4; a checkpoint at step 3)
+    back      dp's step-3 checkpoint resumed under parallel.pp=2 (step 4)
+
+Every launch writes its gathered full weights after every step (COMPLEXITY_DIST_DUMP_WEIGHTS,
+pipeline.full_state_dict under pp). The tiny model's tied embedding/lm_head lives on both stages; stage 1
+holds decoder layer 1 and the final norm. gloo, fp32, micro_batch 1 (4 micro-batches a step everywhere).
 """
 import json
 
@@ -25,6 +29,33 @@ def pp2(tmp_path_factory, dataset):  # noqa: F811
     root = tmp_path_factory.mktemp("reshard-pipeline") / "pp2"
     run(train_cmd(root, dataset, *COMMON, *PP2, nproc=2), env_extra={"COMPLEXITY_DIST_DUMP_WEIGHTS": str(root / "w")})
     return root
+
+
+@pytest.fixture(scope="module")
+def dp(pp2, tmp_path_factory, dataset):  # noqa: F811
+    split = _split_at(pp2, tmp_path_factory.mktemp("reshard-pipeline-dp") / "dp", SAVED)
+    proc = run(train_cmd(split, dataset, *COMMON, "checkpoint.every=3", "parallel.zero_stage=3"),
+               env_extra={"COMPLEXITY_DIST_DUMP_WEIGHTS": str(split / "w")})
+    assert "Traceback" not in proc.stderr
+    return split
+
+
+def assert_continues(resumed_dir, full_dir, first: int):
+    """Steps first..STEPS of `resumed_dir` equal the uninterrupted run's: losses and gradient norms within 1e-5
+    relative, final weights within 1e-5. The first resumed step needs the weights only; the next one also
+    Adam's moments and step count (zeroed moments would move every element by ~lr)."""
+    full, resumed = metrics(full_dir), metrics(resumed_dir)
+    assert [r["step"] for r in resumed] == list(range(first, STEPS + 1))
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in resumed], dtype=torch.float64),
+                                   torch.tensor([r[key] for r in full[first - 1:]], dtype=torch.float64),
+                                   rtol=1e-5, atol=0, msg=lambda m: f"{key}: {m}")
+    assert resumed[-1]["tokens"] == full[-1]["tokens"]
+    got = torch.load(resumed_dir / f"w/step_{STEPS}.pt", map_location="cpu", weights_only=True)
+    want = torch.load(full_dir / f"w/step_{STEPS}.pt", map_location="cpu", weights_only=True)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
 def test_to_hf_from_the_pipeline_checkpoint_equals_the_gathered_weights(pp2, tmp_path):
@@ -57,22 +88,15 @@ def test_to_hf_from_the_pipeline_checkpoint_equals_the_gathered_weights(pp2, tmp
         {"zero_pp_rank_0_mp_rank_01_optim_states.pt"}
 
 
-def test_pipeline_checkpoint_resumes_as_data_parallel(pp2, tmp_path, dataset):  # noqa: F811
-    split = _split_at(pp2, tmp_path / "split", SAVED)
-    proc = run(train_cmd(split, dataset, *COMMON, "parallel.zero_stage=3"),
-               env_extra={"COMPLEXITY_DIST_DUMP_WEIGHTS": str(tmp_path / "w")})
+def test_pipeline_checkpoint_resumes_as_data_parallel(pp2, dp):
+    assert_continues(dp, pp2, SAVED + 1)
+
+
+def test_data_parallel_checkpoint_resumes_under_pipeline_parallel(pp2, dp, tmp_path, dataset):  # noqa: F811
+    """Into pp > 1: each stage sets the parameters it holds (the tied embedding on both), from a ZeRO-3
+    checkpoint of one process."""
+    back = _split_at(dp, tmp_path / "back", SAVED + 1)
+    proc = run(train_cmd(back, dataset, *COMMON, *PP2, nproc=2),
+               env_extra={"COMPLEXITY_DIST_DUMP_WEIGHTS": str(back / "w")})
     assert "Traceback" not in proc.stderr
-    full, resumed = metrics(pp2), metrics(split)
-    assert [r["step"] for r in resumed] == list(range(SAVED + 1, STEPS + 1))
-    # step 3 needs the weights only; step 4 also Adam's moments and step count (zeroed moments would move
-    # every element by ~lr at step 3)
-    for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([r[key] for r in resumed], dtype=torch.float64),
-                                   torch.tensor([r[key] for r in full[SAVED:]], dtype=torch.float64),
-                                   rtol=1e-5, atol=0, msg=lambda m: f"{key}: {m}")
-    assert resumed[-1]["tokens"] == full[-1]["tokens"]
-    got = torch.load(tmp_path / f"w/step_{STEPS}.pt", map_location="cpu", weights_only=True)
-    want = torch.load(pp2 / f"w/step_{STEPS}.pt", map_location="cpu", weights_only=True)
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert_continues(back, pp2, SAVED + 2)
