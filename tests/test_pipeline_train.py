@@ -95,6 +95,21 @@ def test_tensor_x_pipeline_resume(runs):
         torch.testing.assert_close(final[k], ref_final[k], **WEIGHT_TOL, msg=lambda m: f"{k}: {m}")
 
 
+def test_the_tensor_x_pipeline_checkpoint_reads_back(runs):
+    """The reader of `convert to-hf` and of resharding (complexity_dist/convert/reader.py) assembles each parameter
+    from the files of the stage and tensor-parallel ranks that hold it: the run's gathered weights, bit for bit
+    (PP2 alone, exported and resumed: tests/test_reshard_pipeline.py)."""
+    from complexity_dist.convert.reader import CheckpointReader, find_checkpoint
+
+    reader = CheckpointReader(find_checkpoint(runs / "tp2pp2/checkpoints/step_00000003"))
+    want = weights(runs, "tp2pp2", 3)
+    names = [k for k in want if k != "lm_head.weight"]  # tied: the embedding
+    sharded = [k for k in names if reader.plan.pieces[k][0] != reader.plan.shapes[k]]
+    assert len(sharded) > 10 and "model.layers.1.self_attn.q_proj.weight" in sharded  # both stages' shards
+    for name, value in reader.read(names):
+        assert torch.equal(value, want[name]), name
+
+
 def test_a_damaged_pipeline_checkpoint_is_found(runs, tmp_path):
     """inspect() expects every per-layer file: a missing one is damage, not a silent partial load."""
     import shutil

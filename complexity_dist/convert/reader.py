@@ -1,4 +1,5 @@
-"""Reading a training checkpoint tensor by tensor, whatever the data/tensor/expert-parallel layout that wrote it.
+"""Reading a training checkpoint tensor by tensor, whatever the data/tensor/expert/pipeline-parallel layout that
+wrote it.
 
 A checkpoint folder (complexity_dist/train/checkpoint.py) holds DeepSpeed's files. Every file is opened with
 our `safe_load` (weights_only + allow-list) and memory-mapped, and only one file is open at a time: the
@@ -30,8 +31,12 @@ from the checkpoint's config.json:
   the expert groups of data-parallel rank d hold expert-parallel rank d mod ep's rows; a parameter is read as
   tp x ep pieces, joined the way parallelize.full_state_dict gathers them, one batch at a time as above (a
   joined tensor is built when it is yielded: about one batch plus one tensor still);
-- ZeRO 0 and 3, data parallel only (the training loop refuses tp/ep with them);
-- pipeline parallel (DeepSpeed's per-layer files) is refused.
+- pipeline parallel (pp > 1, ZeRO 1, with or without tp) by the same planner: one model-parallel rank per
+  (stage, tp rank), its parameters named as DeepSpeed's PipelineModule names them (pipe layer index, local
+  name: complexity_dist/parallel/pipeline.py `pipe_parameter_names`), the master weights checked against the
+  per-layer `layer_XX` files; the tied embedding/lm_head, on the first and the last stage, is read from the
+  first;
+- ZeRO 0 and 3, data parallel only (the training loop refuses tp/ep/pp with them).
 """
 from __future__ import annotations
 
@@ -98,8 +103,8 @@ class Plan:
     pieces: dict[str, list[torch.Size]] = field(default_factory=dict)
     join: dict[str, Callable[[list[torch.Tensor]], torch.Tensor]] = field(default_factory=dict)
     # ZeRO 1/2: files holding a copy of pieces the master weights are checked against:
-    # file -> [(name, piece, key of the state_dict in the file)]
-    checks: dict[Path, list[tuple[str, int, str]]] = field(default_factory=dict)
+    # file -> [(name, piece, key of the state_dict in the file (None: the file is one), name in it)]
+    checks: dict[Path, list[tuple[str, int, str | None, str]]] = field(default_factory=dict)
     flat_key: str = ""
     group_sizes: dict[Path, list[int]] = field(default_factory=dict)  # expected flat sizes, checked on read
     state_keys: tuple[str, ...] = ()  # path to the base optimizer's state dict in a flat-group file
@@ -174,9 +179,11 @@ def _optim_files(step_dir: Path, mp: int) -> list[Path]:
 
 
 def _zero12_plan(step_dir: Path, parallel: dict) -> Plan:
-    """ZeRO 1/2 under any tensor-parallel (tp) and expert-parallel (ep) size; pipeline parallel is refused.
+    """ZeRO 1/2 under any tensor-parallel (tp) and expert-parallel (ep) size, and ZeRO 1 under pipeline
+    parallel (pp, with tp; the training loop refuses ep with it).
 
-    DeepSpeed writes, per model-parallel rank m (= tp rank: complexity_dist/parallel/groups.py) and
+    DeepSpeed writes, per model-parallel rank m (= tp rank: complexity_dist/parallel/groups.py; under pp
+    stage * tp + tp rank, the order of its pipeline grid) and
     data-parallel rank d, `zero_pp_rank_{d}_mp_rank_{m}_optim_states.pt`, and `mp_rank_{m}_model_states.pt`
     (written by d = 0) with the group layout `param_shapes` of m's local (tensor-parallel) shapes. In rank
     (m, d)'s file, group g is the slice [i*P, (i+1)*P) of the group's flat buffer, i its rank in the group's
@@ -189,19 +196,27 @@ def _zero12_plan(step_dir: Path, parallel: dict) -> Plan:
     tensor_parallel.shard_spec_of names, then the ep pieces row by row (row j of rank k is expert k + j*ep,
     parallelize.full_state_dict's order).
     Master weights are checked against the module copies: mp_rank_{m}'s module holds (m, k=0) pieces, and
-    the trainer's rank_*.pt files (`experts`) each rank's own expert rows."""
+    the trainer's rank_*.pt files (`experts`) each rank's own expert rows.
+    Pipeline parallel: mp_rank_{m}'s `param_shapes` (and its optimizer groups) hold stage m // tp's parameters
+    under DeepSpeed's PipelineModule names, translated to ours; its module is None, the module copies are in
+    `layer_{i}[-model_{t}]-model_states.pt` per pipe layer i (and tp rank t). The tied embedding appears in
+    the first and the last stage's groups with equal values (same all-reduced gradient, same Adam update);
+    the first stage's copy is read, the last one's skipped."""
     from complexity_dist.parallel.tensor_parallel import shard_spec_of, unshard
 
-    tp, ep = int(parallel.get("tp", 1)), int(parallel.get("ep", 1))
+    tp, ep, pp = (int(parallel.get(k, 1)) for k in ("tp", "ep", "pp"))
     full = _full_shapes(step_dir)
+    pipe = _pipe_names(step_dir) if pp > 1 else None
     shapes: dict[str, torch.Size] = {}
     frags: dict[str, list[Fragment]] = {}
     pieces: dict[str, list[torch.Size]] = {}
-    checks: dict[Path, list[tuple[str, int, str]]] = {}
+    checks: dict[Path, list[tuple[str, int, str | None, str]]] = {}
     group_sizes: dict[Path, list[int]] = {}
     experts: set[str] = set()
+    seen: set[tuple[str, int]] = set()
     dp = None
-    for m in range(tp):
+    for m in range(tp * pp):
+        t = m % tp  # DeepSpeed's model-parallel rank is stage * tp + tp rank (its grid's order in one replica)
         model_file = step_dir / f"mp_rank_{m:02d}_model_states.pt"
         groups = [dict(g) for g in _field(_load(model_file), "param_shapes", model_file)]
         optim = _optim_files(step_dir, m)
@@ -235,33 +250,57 @@ def _zero12_plan(step_dir: Path, parallel: dict) -> Plan:
                 raise ConvertError(f"{optim[0]}: group {g} is partitioned over {counts[g]} ranks, {len(owners[0])} "
                                    f"expected for parallel.ep={ep} on {dp} data-parallel ranks")
             off, P = 0, parts[g]
-            for (name, shape), pad in zip(params.items(), pads[g]):
+            for (stored, shape), pad in zip(params.items(), pads[g]):
                 n = math.prod(shape)
-                if m == 0:
+                name = stored
+                if pipe is not None:  # DeepSpeed's PipelineModule names: "<pipe layer>.<local name>"
+                    if stored not in pipe:
+                        raise ConvertError(f"{model_file} holds {stored!r}, which no pipe layer of this model "
+                                           f"(config.json, complexity_dist/parallel/pipeline.py) has")
+                    layer, local, name = pipe[stored]
+                if (name, t) in seen:
+                    # the tied embedding/lm_head: the first and the last stage each step a copy, with the same
+                    # all-reduced gradient, so the same values; the first stage's is read
+                    off += n + pad
+                    continue
+                seen.add((name, t))
+                if name not in shapes:
                     if name not in full:
                         raise ConvertError(f"{model_file} holds {name!r}, which this model (config.json) has not")
+                    if t != 0:
+                        raise ConvertError(f"{model_file} holds {name!r}, which tensor-parallel rank 0 of its "
+                                           f"stage has not; the files do not belong together")
                     shapes[name], frags[name] = full[name], []
                     pieces[name] = [torch.Size(shape)] * (tp * len(owners))
                     if moe[g]:
                         experts.add(name)
-                elif pieces.get(name, [None])[0] != torch.Size(shape) or (name in experts) != moe[g]:
+                elif pieces[name][0] != torch.Size(shape) or (name in experts) != moe[g]:
                     raise ConvertError(f"{model_file}: {name} {tuple(shape)} differs in shape or group from "
-                                       f"model-parallel rank 0's; the files do not belong together")
+                                       f"model-parallel rank {m - t}'s; the files do not belong together")
                 for k, ranks in enumerate(owners):
-                    piece = k * tp + m
+                    piece = k * tp + t
                     for i, d in enumerate(ranks):
                         lo, hi = max(off, i * P), min(off + n, (i + 1) * P)
                         if lo < hi:
                             frags[name].append(Fragment(optim[d], g, lo - i * P, hi - lo, lo - off, piece))
-                    if k == 0:
-                        checks.setdefault(model_file, []).append((name, piece, "module"))
+                    if pipe is not None:  # the module's copy is in the pipe layer's file, by its local name
+                        layer_file = step_dir / (f"layer_{layer:02d}-model_{t:02d}-model_states.pt" if tp > 1
+                                                 else f"layer_{layer:02d}-model_states.pt")
+                        checks.setdefault(layer_file, []).append((name, piece, None, local))
+                    elif k == 0:
+                        checks.setdefault(model_file, []).append((name, piece, "module", name))
                     else:  # the trainer's own copy of the expert rows of global rank (tp m, dp k)
-                        checks.setdefault(step_dir / f"rank_{m + tp * k:05d}.pt", []).append((name, piece, "experts"))
+                        checks.setdefault(step_dir / f"rank_{m + tp * k:05d}.pt", []).append(
+                            (name, piece, "experts", name))
                 off += n + pad
             if off > P * len(owners[0]):
                 raise ConvertError(f"{optim[0]}: group {g} holds {P * len(owners[0])} values over "
                                    f"{len(owners[0])} ranks, its parameters need {off}; the optimizer files do "
                                    f"not match {model_file}")
+    lost = [n for n in full if n not in shapes]
+    if lost:
+        raise ConvertError(f"{step_dir}: no optimizer file holds {', '.join(lost[:3])}"
+                           f"{', ...' if len(lost) > 3 else ''}; the checkpoint is incomplete or not of this model")
     join = {}
     for name in shapes:
         spec = shard_spec_of(name) if tp > 1 else None
@@ -297,6 +336,17 @@ def _full_shapes(step_dir: Path) -> dict[str, torch.Size]:
     return {n: p.shape for n, p in model.named_parameters()}
 
 
+def _pipe_names(step_dir: Path) -> dict[str, tuple[int, str, str]]:
+    """The pipeline checkpoint's parameter names (complexity_dist/parallel/pipeline.py pipe_parameter_names),
+    from the pipe layers built over the model on the meta device."""
+    from complexity_dist.model import ComplexityForCausalLM
+    from complexity_dist.parallel.pipeline import pipe_parameter_names
+
+    with torch.device("meta"):
+        model = ComplexityForCausalLM(model_config_of(Checkpointer.inspect(None, step_dir)))
+    return pipe_parameter_names(model)
+
+
 def _zero0_optimizer_index(step_dir: Path) -> dict[str, int]:
     """ZeRO 0 keeps torch's optimizer state_dict, which numbers the parameters in the order of the optimizer's
     groups. That order is a function of the model config (deepspeed_engine.param_groups), so it is rebuilt on
@@ -312,17 +362,10 @@ def _zero0_optimizer_index(step_dir: Path) -> dict[str, int]:
     return {n: i for i, n in enumerate(order)}
 
 
-def _refuse_pipeline(step_dir: Path, parallel: dict) -> Plan:
-    raise ConvertError(f"{step_dir} was written with parallel.pp={parallel.get('pp')}: reading pipeline-parallel "
-                       f"checkpoints (DeepSpeed's per-layer layer_XX files) is not done yet; tensor- and "
-                       f"expert-parallel checkpoints (parallel.pp=1) are read")
-
-
 # (parallel config) -> planner; the first whose predicate holds plans the read
 LAYOUT_PLANNERS: list[tuple[Callable[[dict], bool], Callable[[Path, dict], Plan]]] = [
-    (lambda p: int(p.get("pp", 1)) > 1, _refuse_pipeline),
     (lambda p: int(p.get("zero_stage", 0)) in (1, 2), _zero12_plan),
-    (lambda p: all(int(p.get(k, 1)) == 1 for k in ("tp", "ep")),
+    (lambda p: all(int(p.get(k, 1)) == 1 for k in ("tp", "ep", "pp")),
      lambda d, p: _data_parallel_plan(d, int(p.get("zero_stage", 0)))),
     (lambda p: True, lambda d, p: _refuse_zero(d, p)),
 ]
@@ -330,7 +373,8 @@ LAYOUT_PLANNERS: list[tuple[Callable[[dict], bool], Callable[[Path, dict], Plan]
 
 def _refuse_zero(step_dir: Path, parallel: dict) -> Plan:
     # the training loop refuses these layouts (complexity_dist/parallel/parallelize.py check_parallelize)
-    raise ConvertError(f"{step_dir} says parallel.tp={parallel.get('tp', 1)}, ep={parallel.get('ep', 1)} with "
+    raise ConvertError(f"{step_dir} says parallel.tp={parallel.get('tp', 1)}, ep={parallel.get('ep', 1)}, "
+                       f"pp={parallel.get('pp', 1)} with "
                        f"zero_stage={parallel.get('zero_stage')}: no training run writes that layout")
 
 
@@ -439,8 +483,8 @@ class CheckpointReader:
                 if not entries:
                     continue
                 obj = _load(path)
-                for n, piece, key in entries:
-                    ref = _field(_field(obj, key, path), n, path)
+                for n, piece, key, stored in entries:
+                    ref = _field(obj if key is None else _field(obj, key, path), stored, path)
                     if not torch.equal(out[n][piece].to(ref.dtype), ref.reshape(-1)):
                         raise ConvertError(f"{path}: {n} differs from the fp32 master weights in the optimizer "
                                            f"files; the checkpoint's files do not belong together")

@@ -166,6 +166,28 @@ def build_pipeline_module(model, cfg: Config, layout: Layout):
     return StagedPipelineModule(specs, topology=topo, loss_fn=model.loss_fn, partition_method="uniform")
 
 
+def pipe_parameter_names(model) -> dict[str, tuple[int, str, str]]:
+    """Where each parameter of a pipeline checkpoint lives, from the pipe layers build_pipeline_module makes of
+    `model` (any device; meta costs nothing): DeepSpeed's PipelineModule name (the name in the optimizer's
+    `param_shapes`: "<pipe index>.<local>", or "tied_modules.embed.<local>" for the tied embedding/lm_head)
+    -> (pipe layer index, its name in that layer's `layer_XX` file, the single-process name).
+    The tied head (pipe layer L+2) has no file and no name of its own: it is the embedding's module."""
+    n = len(model.model.layers)
+    tied = model.config.tie_word_embeddings
+    layers = [(0, EmbedPipe(model) if tied else EmbeddingOnlyPipe(model))]
+    layers += [(1 + i, DecoderLayerPipe(model, i, False)) for i in range(n)]
+    layers.append((n + 1, NormPipe(model)))
+    if not tied:
+        layers.append((n + 2, HeadPipe(model)))
+    single = {id(p): name for name, p in model.named_parameters()}
+    names = {}
+    for index, module in layers:
+        prefix = f"tied_modules.{TIED_KEY}." if tied and index == 0 else f"{index}."
+        for local, p in module.named_parameters():
+            names[prefix + local] = (index, local, single[id(p)])
+    return names
+
+
 def check_rank_order(pipe_module, env) -> None:
     """DeepSpeed's pipeline grid and megatron-core's groups must agree on this rank's coordinates (the data
     loader reads by env.dp_rank; DeepSpeed reduces over its own groups)."""

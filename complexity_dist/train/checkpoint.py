@@ -431,7 +431,7 @@ class Checkpointer:
 
     @staticmethod
     def check_compatible(saved: SavedRun, cfg: Config, world_size: int) -> None:
-        """Refuse a checkpoint of another model or layout with a message that names the differences."""
+        """Refuse a checkpoint of another model with a message that names the differences (layouts reshard)."""
         now = cfg.to_dict()
         diffs = [f"model.{k}: checkpoint {v!r}, config {now['model'].get(k)!r}"
                  for k, v in saved.config["model"].items() if now["model"].get(k) != v]
@@ -439,23 +439,8 @@ class Checkpointer:
             raise CheckpointMismatch(
                 f"checkpoint {saved.path} is of another model ({'; '.join(diffs)}); use the checkpoint's "
                 f"model config, or a new train.run_dir to start a fresh run")
-        old_world = saved.trainer_state["world_size"]
-        old = {k: saved.config["parallel"].get(k, 1) for k in ("tp", "pp", "ep")}
-        new = {k: getattr(cfg.parallel, k) for k in ("tp", "pp", "ep")}
-        if old["pp"] == 1 and new["pp"] == 1:
-            # any data/tensor/expert-parallel layout, ZeRO stage and size resumes under any other
-            # (complexity_dist/train/reshard.py)
-            return
-        old_zero = saved.config["parallel"]["zero_stage"]
-        if old != new or old_world != world_size or old_zero != cfg.parallel.zero_stage:
-            fmt = lambda d, w, z: (" ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
-                                   + f" on {w} process(es) (zero_stage={z})")
-            raise CheckpointMismatch(
-                f"checkpoint {saved.path} was written with the layout parallel.{fmt(old, old_world, old_zero)}; "
-                f"this run has parallel.{fmt(new, world_size, cfg.parallel.zero_stage)}. Resume a pipeline-"
-                f"parallel checkpoint with its own layout, and resume into parallel.pp > 1 only from a checkpoint "
-                f"of the same layout: resharding reads and writes data/tensor/expert-parallel layouts only "
-                f"(complexity_dist/train/reshard.py)")
+        # any layout (ZeRO stage, process count, tp, ep, pp) resumes under any other the training loop runs
+        # (complexity_dist/train/reshard.py)
 
     # --- writing (all ranks) -----------------------------------------------------------------------------
 

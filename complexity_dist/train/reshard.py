@@ -1,7 +1,8 @@
 """Resuming a checkpoint under another layout (ZeRO stage 0-3, data-parallel size, tensor-parallel size tp,
-expert-parallel size ep), optimizer state included. Pipeline-parallel layouts are not resharded
-(`Checkpointer.check_compatible` refuses a pp > 1 checkpoint under another layout, and any other layout into
-pp > 1).
+expert-parallel size ep), optimizer state included; a pipeline-parallel checkpoint (pp > 1, ZeRO 1, with or
+without tp) resumes under any of those with pp = 1, and any checkpoint resumes under pp > 1 (ZeRO 1): each
+stage sets the parameters it holds, found by identity in the single-process model its stage is built from
+(complexity_dist/parallel/pipeline.py), the tied embedding on the first and the last stage alike.
 
 Design decision: our own resharding, not DeepSpeed's universal checkpoint. `ds_to_universal` converts
 through files it reads with torch.load(weights_only=False), while every checkpoint read here goes through
@@ -9,7 +10,8 @@ through files it reads with torch.load(weights_only=False), while every checkpoi
 of the checkpoint. Instead:
 1. complexity_dist/convert/reader.py (the reader `convert to-hf` uses) assembles each parameter's full fp32
    master weight and Adam moments (`exp_avg`, `exp_avg_sq`) from whatever layout wrote them (ZeRO 0-3 data
-   parallel; ZeRO 1/2 with tp/ep: pieces from every model-parallel rank's files), plus Adam's step count;
+   parallel; ZeRO 1/2 with tp/ep, ZeRO 1 with pp (and tp): pieces from every model-parallel rank's files),
+   plus Adam's step count;
 2. the engine of the new layout is built as usual; its optimizer state is created empty-but-present (torch's
    AdamW creates it lazily at the first step), then every parameter is set, one at a time: the full tensor is
    cut to this rank's piece of the new layout (`_local_piece`: expert rows e mod ep, then the tensor-parallel
@@ -49,8 +51,8 @@ def is_data_parallel(parallel: dict) -> bool:
 
 
 def needs_reshard(saved: SavedRun, cfg: Config, world_size: int) -> bool:
-    """True when the checkpoint's ZeRO stage, data-parallel size or tensor/expert-parallel layout differs from
-    this run's (check_compatible has refused what cannot be resharded)."""
+    """True when the checkpoint's ZeRO stage, data-parallel size or tensor/expert/pipeline-parallel layout differs
+    from this run's (check_compatible has refused a checkpoint of another model)."""
     old = saved.config["parallel"]
     return (int(old.get("zero_stage", 0)) != cfg.parallel.zero_stage
             or int(saved.trainer_state["world_size"]) != world_size
@@ -117,17 +119,27 @@ def _local_piece(value: torch.Tensor, param, layout) -> torch.Tensor:
     return value
 
 
-def load_resharded(engine, saved: SavedRun, reader=None, layout=None) -> dict:
+def load_resharded(engine, saved: SavedRun, reader=None, layout=None, model=None) -> dict:
     """Loads a checkpoint written under another layout into `engine`, whose model is parallelized as
     `layout` (a parallelize.Parallelized; None: data parallel); returns the rank state the trainer restores
-    from (the loader's global position). Every rank calls it (ZeRO 3 gathers)."""
+    from (the loader's global position). Every rank calls it (ZeRO 3 gathers).
+    `model`: the single-process model whose parameters the engine's module holds under other names (a
+    pipeline stage: DeepSpeed's PipelineModule names them by pipe layer); the parameters are named as in
+    `model`, and only those the engine holds are set (the tied embedding on both the first and the last
+    stage)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from deepspeed.runtime.zero import GatheredParameters
 
     reader = reader or open_reader(saved)
     zero = _zero_stage(engine)
     _create_adam_state(engine, reader.optimizer_step())
-    params = dict(engine.module.named_parameters())
+    if model is None:
+        params = dict(engine.module.named_parameters())
+    else:  # the same Parameter objects (pipeline.py builds the stages from the model's own modules)
+        held = {id(p) for p in engine.module.parameters()}
+        params = {n: p for n, p in model.named_parameters() if id(p) in held}
+        if len(params) != len(held):  # a stage built from other modules would silently keep its init
+            raise RuntimeError(f"{len(held) - len(params)} parameters of this stage are not the model's own")
     missing = [n for n in params if n not in reader.plan.shapes]
     if missing:
         raise CheckpointMismatch(f"checkpoint {saved.path} holds no {', '.join(missing[:3])}: not a checkpoint "

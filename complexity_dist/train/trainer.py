@@ -113,8 +113,9 @@ class Trainer:
         self.step, self.tokens_seen, self.skipped_total = 0, 0, 0
         loader_state = None
         if saved is not None:
-            if needs_reshard(saved, cfg, env.world_size):  # another ZeRO stage, data-parallel size, tp or ep
-                rank_state = load_resharded(self.engine, saved, layout=self.plan)  # sets the expert rows too
+            if needs_reshard(saved, cfg, env.world_size):  # another ZeRO stage, data-parallel size, tp, ep or pp
+                rank_state = load_resharded(self.engine, saved, layout=self.plan,  # sets the expert rows too
+                                            model=self.full_model if self.pipeline else None)
             else:
                 rank_state = self.checkpointer.load(self.engine, saved)
                 if self.plan.expert_parallel:
