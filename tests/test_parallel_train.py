@@ -12,6 +12,7 @@ Every launch writes its full weights (gathered from the shards by rank 0) at the
     ep2        EP2 (dp 2), ZeRO 1                     parity
     ep2_moved  EP2 (dp 2), ZeRO 2, margin 0           parity with tokens moved by the override; MLflow metric
     tp2ep2     4 processes: TP2 x EP2 (dp 2), ZeRO 1, preempted at 3 and resumed: parity, expert rows survive
+    tp2ep2_sp  4 processes: TP2 x EP2 + sequence parallel, ZeRO 2, margin 0   parity with ref0 (tokens moved)
 
 All runs: mu_router straight_through (so the router trains too) and weight decay 0, so a parameter that moved
 got a gradient (Adam moves nothing with zero gradients and zero moments).
@@ -59,6 +60,10 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     four = ["parallel.tp=2", "parallel.ep=2"]
     assert launch(root, "tp2ep2", dataset, *four, nproc=4, env=preempt, check=False).returncode != 0
     launch(root, "tp2ep2", dataset, *four, nproc=4, dump="w_resumed")
+    # the base route under SP runs the same compute as tp2ep2 (the SP wrapper hands EP one process's tokens in
+    # one process's order); what SP adds is routing on slices and the override's plans: margin 0 moves tokens
+    launch(root, "tp2ep2_sp", dataset, *four, "parallel.sequence_parallel=true", "parallel.zero_stage=2",
+           "model.router_base_margin=0", "train.steps=3", nproc=4)
     return root
 
 
@@ -104,6 +109,16 @@ def test_expert_parallel_with_tokens_moved_by_the_override(runs):
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     history = client.get_metric_history((run_dir / "mlflow_run_id").read_text().strip(), "routed_override_frac")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(fracs)
+
+
+def test_tp_x_ep_with_sequence_parallel_and_tokens_moved_by_the_override(runs):
+    assert_parity(runs, "tp2ep2_sp", ref="ref0")
+    # each rank's share is over its sequence slice; their mean is the share of the whole batch
+    fracs = [r["routed_override_frac"] for r in metrics(runs / "tp2ep2_sp")]
+    assert all(f > 0.3 for f in fracs), fracs
+    torch.testing.assert_close(torch.tensor(fracs), torch.tensor([r["routed_override_frac"]
+                                                                  for r in metrics(runs / "ref0")]),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_resume_under_tensor_parallel_is_bit_exact(runs):

@@ -11,6 +11,10 @@ host sync. The base route is token_id % E, so the plan (sort order + split sizes
 built once per micro-batch, keyed on the ids tensor, and reused by every layer whose mu override moved no
 token. Whether a layer's override moved a token is agreed by a one-number all-reduce: split sizes must
 match on every rank, so a rank whose own tokens did not move must still rebuild when another rank's did.
+Under tensor x sequence parallel, parallelize applies EP first, so the pre-hook here remembers the full
+micro-batch's ids before TP's pre-hook hands the router this rank's slice, and TP's wrapper gathers the
+slices' tokens back into one process's (batch, seq) order before calling this compute: ids, tokens and the
+cache key are then exactly those of TP x EP without SP.
 
 Gradients: the all-to-all backward already sums, into each expert's weights, the contributions of every
 EP rank's tokens. What is left is the data-parallel sum: expert weights over the expert-data-parallel group

@@ -79,10 +79,6 @@ def check_parallelize(cfg: Config) -> None:
                         f"'Native DeepSpeed MoE is not supported with ZeRO Stage 3' for the MoE marker that "
                         f"makes it reduce expert gradients over the expert-data-parallel group; use "
                         f"parallel.zero_stage=1 or 2")
-    if p.sequence_parallel and p.tp > 1 and p.ep > 1:
-        problems.append("parallel.sequence_parallel=true with parallel.ep > 1: expert parallel routes by the full "
-                        "sequence's token ids, sequence parallel hands each rank a slice; the combination is not "
-                        "done yet; set parallel.sequence_parallel=false (tp x ep works without it)")
     if p.sequence_parallel and p.tp > 1 and cfg.data.seq_len % p.tp:
         problems.append(f"parallel.sequence_parallel needs parallel.tp={p.tp} to divide data.seq_len="
                         f"{cfg.data.seq_len}")

@@ -15,7 +15,9 @@ The plan (tp = size of the group, r = this rank):
     experts                        gate_up [E, H, 2I] -> [E, H, 2I/tp] = cat(gate slice r, up slice r),
                                    down [E, I, H] -> rows slice r; `TokenRoutedMLP.compute_experts` is wrapped
                                    on the instance: copy_to on its tokens, reduce_from on its result (SP:
-                                   gather_to_full / reduce_scatter_to along the tokens). The reduction sits
+                                   gather_to_full / reduce_scatter_to along the sequence of the [B, S/tp]
+                                   tokens, so the wrapped compute gets one process's tokens in one
+                                   process's order, as expert parallel inside it needs). The reduction sits
                                    inside compute_experts, so the straight-through factor p/p.detach()
                                    multiplies the full sum and mu_router's gradient is the same on every rank.
     embedding                      vocab-parallel: rows r*V/tp..; ids outside give zeros; reduce_from
@@ -365,11 +367,11 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
         mlp = layer.mlp
         mlp.gate_up_proj = _shard(mlp.gate_up_proj, tp, r, ShardSpec(2, halves=True))
         mlp.down_proj = _shard(mlp.down_proj, tp, r, ShardSpec(1))
-        mlp.compute_experts = _tp_experts(mlp.compute_experts, g, sequence_parallel)
+        mlp.compute_experts = _tp_experts(mlp, g, sequence_parallel)
         if sequence_parallel:
-            # routing runs on this rank's tokens: give it this rank's slice of the ids
-            mlp.register_forward_pre_hook(
-                lambda mod, args: (args[0], args[1].chunk(tp, dim=1)[r], *args[2:]))
+            # routing runs on this rank's tokens: give it this rank's slice of the ids. Registered after
+            # expert parallel's own pre-hook (parallelize applies EP first), which keeps the full ids
+            mlp.register_forward_pre_hook(_sp_routing_inputs(tp, r))
 
     if sequence_parallel:
         for p in model.parameters():
@@ -383,15 +385,30 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
     return model
 
 
-def _tp_experts(compute, group, sequence_parallel: bool):
-    """Wrap a bound `compute_experts(x [T, H], expert [T])` so it runs on this rank's expert shards."""
+def _tp_experts(mlp, group, sequence_parallel: bool):
+    """Wrap the bound `mlp.compute_experts(x [T, H], expert [T])` so it runs on this rank's expert shards."""
+    compute = mlp.compute_experts
+
     def wrapped(x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         if sequence_parallel:
-            # the flattened tokens of every rank, rank after rank; reduce_scatter_to gives each its own back
-            out = compute(gather_to_full(x, group, dim=0), all_gather_cat(expert, group, dim=0))
-            return reduce_scatter_to(out, group, dim=0)
+            # gathered along the sequence of [B, S/tp, H], the tokens come in the single-process (batch, seq)
+            # order: the inner compute sees the same tokens, in the same order, as without SP. Expert parallel
+            # relies on it: its plan cache and moved-token check read the full ids remembered before the SP
+            # pre-hook sliced them (complexity_dist/parallel/expert_parallel.py)
+            local = mlp._sp_local_shape
+            full = gather_to_full(x.view(*local, x.shape[-1]), group, dim=1)
+            out = compute(full.reshape(-1, x.shape[-1]), all_gather_cat(expert.view(local), group, dim=1).reshape(-1))
+            return reduce_scatter_to(out.view(full.shape), group, dim=1).reshape(x.shape)
         return reduce_from(compute(copy_to(x, group), expert), group)
     return wrapped
+
+
+def _sp_routing_inputs(tp: int, r: int):
+    def hook(mod, args):
+        m, ids, *rest = args
+        mod._sp_local_shape = m.shape[:-1]  # [B, S/tp]: how the expert wrapper regroups the flat tokens
+        return (m, ids.chunk(tp, dim=1)[r], *rest)
+    return hook
 
 
 def _gather(t: torch.Tensor, spec: ShardSpec | None, group) -> torch.Tensor:
