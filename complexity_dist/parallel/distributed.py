@@ -47,8 +47,8 @@ def world_from_env() -> tuple[int, int, int]:
 def check_supported(cfg: Config) -> None:
     """Refuse layouts this training loop cannot run, before any process group exists. The layout
     itself (sizes, divisibility) is Layout.build's job; this is what the loop does not do
-    (complexity_dist/parallel/parallelize.py check_parallelize: pipeline parallel, tp/ep with ZeRO 0 or 3,
-    sequence parallel with ep)."""
+    (complexity_dist/parallel/parallelize.py check_parallelize: pipeline parallel other than with ZeRO 1,
+    tp/ep with ZeRO 0, ep with ZeRO 3, linear backends)."""
     from complexity_dist.parallel.parallelize import check_parallelize
 
     check_parallelize(cfg)

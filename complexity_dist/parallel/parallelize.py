@@ -19,14 +19,15 @@ optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weig
 
 `check_parallelize(cfg)` refuses, before any process group exists, what this loop does not run (see its
 messages): pipeline parallelism other than with ZeRO 1 (and with expert parallel or compile), tensor or expert
-parallel with ZeRO 0, expert parallel with ZeRO 3, sequence parallel with expert parallel, and the
-model.linear_backend values that cannot run with the layout or on this machine (te on CPU or without Transformer
-Engine, FP8 on a GPU without it or with sizes not divisible by 16, FP8 with activation checkpointing, te with
-selective activation checkpointing; megatron with tp=1, sequence parallel, pipeline parallel or train.compile;
-train.fp8 without te).
+parallel with ZeRO 0, expert parallel with ZeRO 3, and the model.linear_backend values that cannot run with
+the layout or on this machine (te on CPU or without Transformer Engine, FP8 on a GPU without it or with sizes
+not divisible by 16, FP8 with activation checkpointing, te with selective activation checkpointing; megatron
+with tp=1, sequence parallel, pipeline parallel or train.compile; train.fp8 without te).
 
 What combines, each proven equal to one process through the trainer (tests/test_parallel_train.py,
-tests/test_parallel_zero3.py, tests/test_pipeline_train.py): TP (+SP) and EP with ZeRO 1 and 2, TP x EP, TP
+tests/test_parallel_zero3.py, tests/test_pipeline_train.py): TP (+SP) and EP with ZeRO 1 and 2, TP x EP (+SP:
+the TP wrapper gathers the sequence slices' tokens back into one process's order before the EP compute, which
+keeps the full micro-batch's ids that EP's pre-hook remembered before TP's sliced them), TP
 with ZeRO 3 (also TP x DP with every parameter partitioned: ZeRO 3 partitions over the mpu's data-parallel
 group, and a weight read outside its own module's forward, as the attention reads q_proj.weight, is gathered by
 DeepSpeed's external-parameter tracking), EP x DP, PP with ZeRO 1 and TP x PP.
