@@ -1,4 +1,5 @@
-"""Tensor (and sequence) parallelism on 2 gloo processes equals one process: loss, logits and every gradient.
+"""Tensor (and sequence) parallelism on 2 gloo processes equals one process: loss, logits, every gradient, and the
+tokens (and their order) that the wrapped expert compute is handed.
 
 One spawn runs every layout check (a spawn costs seconds of imports); each rank compares its sharded model with
 a single-process copy of the same model that it builds itself from the same seed.
@@ -52,19 +53,31 @@ def run_case(tp_group, mu_router, sequence_parallel, router_scale=1.0, checkpoin
     cfg = config(**{"model.mu_router": mu_router})
     ref = randomized(ComplexityForCausalLM(cfg).to(dtype), router_scale=router_scale)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-    tp = apply_tensor_parallel(copy.deepcopy(ref), tp_group, sequence_parallel=sequence_parallel)
-    ref.model.activation_checkpointing = tp.model.activation_checkpointing = checkpointing
     ids, targets = batch()
     moved = []  # tokens the mu override sends away from their base expert id % E, per layer
+    seen = {"ref": [], "tp": []}  # what each layer's (wrapped) expert compute is handed, in the forward
 
-    def recording(compute):
+    def recording(compute, key):
         def wrapped(x, expert):
-            moved.append(int((expert != ids.reshape(-1) % cfg.num_experts).sum()))
+            if key == "ref":
+                moved.append(int((expert != ids.reshape(-1) % cfg.num_experts).sum()))
+            seen[key].append((x.detach().clone(), expert.clone()))
             return compute(x, expert)
         return wrapped
-    for layer in ref.model.layers:
-        layer.mlp.compute_experts = recording(layer.mlp.compute_experts)
+    tp = copy.deepcopy(ref)
+    for key, model in (("ref", ref), ("tp", tp)):
+        for layer in model.model.layers:
+            layer.mlp.compute_experts = recording(layer.mlp.compute_experts, key)
+    # TP wraps the recorder as it wraps expert parallel's compute (complexity_dist/parallel/parallelize.py)
+    tp = apply_tensor_parallel(tp, tp_group, sequence_parallel=sequence_parallel)
+    ref.model.activation_checkpointing = tp.model.activation_checkpointing = checkpointing
     out_ref, out_tp = ref(ids, targets=targets), tp(ids, targets=targets)
+    # the compute inside TP (with SP too) gets one process's tokens in one process's order: expert parallel's
+    # plan, built from the full micro-batch's ids, relies on it
+    assert len(seen["tp"]) == len(seen["ref"]) == cfg.num_hidden_layers
+    for (x_tp, e_tp), (x_ref, e_ref) in zip(seen["tp"], seen["ref"]):
+        assert torch.equal(e_tp, e_ref)
+        torch.testing.assert_close(x_tp, x_ref, **tol)
     out_ref.loss.backward()
     out_tp.loss.backward()
     what = f"{mu_router=} {sequence_parallel=} {router_scale=} {checkpointing=} {dtype=}"
