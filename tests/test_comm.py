@@ -1,12 +1,9 @@
 """complexity_dist/parallel/comm.py on 2 gloo processes: each operator's forward and backward against its
 definition (the module docstring), computed here from every rank's input, which each rank can rebuild."""
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from spawn_util import spawn_gloo
 
 from complexity_dist.parallel import comm
 
@@ -101,28 +98,12 @@ def check_single(rank, one):
         assert comm.all_to_all(x, group, [4], [4]) is x
 
 
-def worker(rank, port, failures):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        group = dist.new_group(list(range(WORLD)))
-        singles = [dist.new_group([r]) for r in range(WORLD)]  # every rank takes part in creating each
-        check(rank, group)
-        check_single(rank, singles[rank])
-    except BaseException as e:
-        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    finally:
-        dist.destroy_process_group()
+def check_all(rank):
+    group = dist.new_group(list(range(WORLD)))
+    singles = [dist.new_group([r]) for r in range(WORLD)]  # every rank takes part in creating each
+    check(rank, group)
+    check_single(rank, singles[rank])
 
 
 def test_comm_operators_match_their_definitions():
-    failures = mp.get_context("spawn").SimpleQueue()
-    try:
-        mp.spawn(worker, args=(free_port(), failures), nprocs=WORLD, join=True)
-    except Exception:
-        msgs = []
-        while not failures.empty():
-            msgs.append(failures.get())
-        pytest.fail("\n".join(msgs) or "a worker failed")
+    spawn_gloo(check_all, WORLD)

@@ -2,13 +2,10 @@
 the torch backend (2 gloo processes, fp32), in the library and in the training loop; `te` is refused on CPU.
 """
 import copy
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from spawn_util import spawn_gloo
 from test_parallel_train import assert_parity, launch
 from test_tensor_parallel import batch, config, randomized
 from test_train import ROOT, dataset, run  # noqa: F401  (dataset is a fixture)
@@ -65,12 +62,9 @@ def run_case(tp_group, tie: bool, checkpointing: str):
     meg.load_state_dict(meg.state_dict(), strict=True)
 
 
-def worker(rank, port, failures):
+def check(rank):
     from megatron.core import parallel_state
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         # as the trainer (complexity_dist/parallel/groups.py): megatron-core's groups exist
         parallel_state.initialize_model_parallel(2, create_gloo_process_groups=False)
@@ -79,24 +73,12 @@ def worker(rank, port, failures):
         run_case(group, tie=False, checkpointing="full")
         with pytest.raises(ConfigError, match="sequence_parallel"):
             apply_tensor_parallel(ComplexityForCausalLM(config()), group, sequence_parallel=True, backend="megatron")
-    except BaseException as e:
-        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
     finally:
         parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 def test_megatron_backend_equals_one_process_and_torch_backend():
-    ctx = mp.get_context("spawn")
-    failures = ctx.SimpleQueue()
-    try:
-        mp.spawn(worker, args=(free_port(), failures), nprocs=2, join=True)
-    except Exception:
-        msgs = []
-        while not failures.empty():
-            msgs.append(failures.get())
-        pytest.fail("\n".join(msgs) or "a worker failed")
+    spawn_gloo(check, 2)
 
 
 def test_refusals_name_the_setting():

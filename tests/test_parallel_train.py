@@ -71,6 +71,18 @@ def weights(root: Path, name: str, step: int, dump: str = "w") -> dict:
     return torch.load(root / name / dump / f"step_{step}.pt", map_location="cpu", weights_only=True)
 
 
+def assert_resume_bit_exact(root: Path, name: str, steps: int):
+    """`{name}_split` (preempted, then resumed from its checkpoint) logs and ends exactly as the uninterrupted
+    `name`: every step's loss, gradient norm and validation loss, and the final weights, bit for bit."""
+    full, split = metrics(root / name), metrics(root / f"{name}_split")
+    assert [r["step"] for r in split] == list(range(1, steps + 1))
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert [r.get(key) for r in split] == [r.get(key) for r in full], key
+    resumed, uninterrupted = weights(root, f"{name}_split", steps, "w_resumed"), weights(root, name, steps)
+    for k in uninterrupted:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
+
+
 def assert_parity(root: Path, name: str, ref: str = "ref", steps: int = 3):
     got, want = metrics(root / name)[:steps], metrics(root / ref)[:steps]
     assert [r["step"] for r in got] == list(range(1, steps + 1))
@@ -122,16 +134,10 @@ def test_tp_x_ep_with_sequence_parallel_and_tokens_moved_by_the_override(runs):
 
 
 def test_resume_under_tensor_parallel_is_bit_exact(runs):
-    full, split = metrics(runs / "tp2"), metrics(runs / "tp2_split")
-    assert [r["step"] for r in split] == list(range(1, STEPS + 1))
-    for key in ("loss", "grad_norm", "val_loss"):
-        assert [r.get(key) for r in split] == [r.get(key) for r in full], key
+    assert_resume_bit_exact(runs, "tp2", STEPS)
     ckpt = runs / "tp2_split/checkpoints/step_00000003"
     assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= {f.name for f in ckpt.iterdir()}
     assert json.loads((ckpt / "config.json").read_text())["parallel"]["tp"] == 2
-    resumed, uninterrupted = weights(runs, "tp2_split", STEPS, "w_resumed"), weights(runs, "tp2", STEPS)
-    for k in uninterrupted:
-        assert torch.equal(resumed[k], uninterrupted[k]), k
 
 
 def test_expert_rows_survive_save_and_load(runs):

@@ -11,12 +11,9 @@ Every launch writes its gathered full weights after every step (COMPLEXITY_DIST_
 pipeline.full_state_dict under pp). The tiny model's tied embedding/lm_head lives on both stages; stage 1
 holds decoder layer 1 and the final norm. gloo, fp32, micro_batch 1 (4 micro-batches a step everywhere).
 """
-import json
-
 import pytest
-import torch
-from test_reshard import _split_at
-from test_train import dataset, metrics, run, train_cmd  # noqa: F401  (dataset is a fixture)
+from test_reshard import _split_at, assert_continues, assert_exports_the_dumped_weights
+from test_train import dataset, run, train_cmd  # noqa: F401  (dataset is a fixture)
 
 SAVED, STEPS = 2, 4
 COMMON = ["model.mu_router=straight_through", "optim.weight_decay=0", "train.precision=fp32",
@@ -40,48 +37,16 @@ def dp(pp2, tmp_path_factory, dataset):  # noqa: F811
     return split
 
 
-def assert_continues(resumed_dir, full_dir, first: int):
-    """Steps first..STEPS of `resumed_dir` equal the uninterrupted run's: losses and gradient norms within 1e-5
-    relative, final weights within 1e-5. The first resumed step needs the weights only; the next one also
-    Adam's moments and step count (zeroed moments would move every element by ~lr)."""
-    full, resumed = metrics(full_dir), metrics(resumed_dir)
-    assert [r["step"] for r in resumed] == list(range(first, STEPS + 1))
-    for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([r[key] for r in resumed], dtype=torch.float64),
-                                   torch.tensor([r[key] for r in full[first - 1:]], dtype=torch.float64),
-                                   rtol=1e-5, atol=0, msg=lambda m: f"{key}: {m}")
-    assert resumed[-1]["tokens"] == full[-1]["tokens"]
-    got = torch.load(resumed_dir / f"w/step_{STEPS}.pt", map_location="cpu", weights_only=True)
-    want = torch.load(full_dir / f"w/step_{STEPS}.pt", map_location="cpu", weights_only=True)
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")
-
-
 def test_to_hf_from_the_pipeline_checkpoint_equals_the_gathered_weights(pp2, tmp_path):
-    from safetensors.torch import load_file
-
-    from complexity_dist.convert.keys import hf_keys, source_name
-    from complexity_dist.convert.reader import CheckpointReader, find_checkpoint, model_config_of
+    from complexity_dist.convert.reader import CheckpointReader, find_checkpoint
 
     step_dir = pp2 / f"checkpoints/step_{SAVED:08d}"
     assert {"layer_00-model_states.pt", "mp_rank_01_model_states.pt",
             "zero_pp_rank_0_mp_rank_01_optim_states.pt"} <= {f.name for f in step_dir.iterdir()}
-    run([*train_cmd(tmp_path, tmp_path)[:1], "-m", "complexity_dist", "convert", "to-hf", str(step_dir),
-         str(tmp_path / "hf"), "--dtype", "fp32", "--shard-size", "200KB"])
-    index = json.loads((tmp_path / "hf/model.safetensors.index.json").read_text())["weight_map"]
-    hf = {}
-    for f in sorted(set(index.values())):
-        hf.update(load_file(tmp_path / "hf" / f))
-    want = torch.load(pp2 / f"w/step_{SAVED}.pt", map_location="cpu", weights_only=True)
-    saved = find_checkpoint(step_dir)
-    cfg = model_config_of(saved)
-    trained = [k for k in hf_keys(cfg) if k.trained]
-    assert len(trained) > 30
-    for k in trained:  # the export is the run's own full weights, bit for bit, from both stages' files
-        assert torch.equal(hf[k.name], want[source_name(cfg, k.name)]), k.name
+    # read from both stages' files
+    assert_exports_the_dumped_weights(step_dir, pp2 / f"w/step_{SAVED}.pt", tmp_path)
     # the tied embedding is stepped on both stages: the last stage's copy (not the one read) is the same
-    reader = CheckpointReader(saved)
+    reader = CheckpointReader(find_checkpoint(step_dir))
     assert [f.file.name for f in reader.plan.fragments["model.embed_tokens.weight"]] == \
         ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]
     assert {f.file.name for f in reader.plan.fragments["model.norm.weight"]} == \
@@ -89,7 +54,7 @@ def test_to_hf_from_the_pipeline_checkpoint_equals_the_gathered_weights(pp2, tmp
 
 
 def test_pipeline_checkpoint_resumes_as_data_parallel(pp2, dp):
-    assert_continues(dp, pp2, SAVED + 1)
+    assert_continues(dp, pp2, SAVED + 1, STEPS)
 
 
 def test_data_parallel_checkpoint_resumes_under_pipeline_parallel(pp2, dp, tmp_path, dataset):  # noqa: F811
@@ -99,4 +64,4 @@ def test_data_parallel_checkpoint_resumes_under_pipeline_parallel(pp2, dp, tmp_p
     proc = run(train_cmd(back, dataset, *COMMON, *PP2, nproc=2),
                env_extra={"COMPLEXITY_DIST_DUMP_WEIGHTS": str(back / "w")})
     assert "Traceback" not in proc.stderr
-    assert_continues(back, pp2, SAVED + 2)
+    assert_continues(back, pp2, SAVED + 2, STEPS)

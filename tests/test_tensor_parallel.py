@@ -5,13 +5,12 @@ One spawn runs every layout check (a spawn costs seconds of imports); each rank 
 a single-process copy of the same model that it builds itself from the same seed.
 """
 import copy
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port, tiny_overrides
+from conftest import tiny_overrides
+from spawn_util import spawn_gloo
 
 from complexity_dist.config import ConfigError, load_config
 from complexity_dist.model import ComplexityForCausalLM
@@ -110,44 +109,27 @@ def run_case(tp_group, mu_router, sequence_parallel, router_scale=1.0, checkpoin
     return sum(moved)
 
 
-def worker(rank, port, failures):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        group = dist.new_group([0, 1])
-        # fp32 as training runs (within 1e-5); the random weights already move tokens with the mu override
-        assert run_case(group, "hard", False) > 0
-        run_case(group, "straight_through", False)
-        run_case(group, "hard", True)
-        run_case(group, "straight_through", True, checkpointing="selective")
-        # fp64 at 1e-10, so no small error can hide in fp32 rounding; large router weights move more tokens
-        for sp in (False, True):
-            assert run_case(group, "straight_through", sp, router_scale=30.0, dtype=torch.float64) > 40
+def check(rank):
+    group = dist.new_group([0, 1])
+    # fp32 as training runs (within 1e-5); the random weights already move tokens with the mu override
+    assert run_case(group, "hard", False) > 0
+    run_case(group, "straight_through", False)
+    run_case(group, "hard", True)
+    run_case(group, "straight_through", True, checkpointing="selective")
+    # fp64 at 1e-10, so no small error can hide in fp32 rounding; large router weights move more tokens
+    for sp in (False, True):
+        assert run_case(group, "straight_through", sp, router_scale=30.0, dtype=torch.float64) > 40
 
-        # a tp that does not divide the heads is refused before anything is sharded
-        bad = ComplexityForCausalLM(config(**{"model.hidden_size": 48, "model.num_attention_heads": 6,
-                                              "model.num_key_value_heads": 3}))
-        with pytest.raises(ConfigError, match=r"parallel.tp=2 does not divide model.num_key_value_heads=3"):
-            apply_tensor_parallel(bad, group)
-        assert bad.model.layers[0].self_attn.k_proj.weight.shape[0] == 24  # untouched
-    except BaseException as e:
-        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    finally:
-        dist.destroy_process_group()
+    # a tp that does not divide the heads is refused before anything is sharded
+    bad = ComplexityForCausalLM(config(**{"model.hidden_size": 48, "model.num_attention_heads": 6,
+                                          "model.num_key_value_heads": 3}))
+    with pytest.raises(ConfigError, match=r"parallel.tp=2 does not divide model.num_key_value_heads=3"):
+        apply_tensor_parallel(bad, group)
+    assert bad.model.layers[0].self_attn.k_proj.weight.shape[0] == 24  # untouched
 
 
 def test_tensor_and_sequence_parallel_equal_one_process():
-    ctx = mp.get_context("spawn")
-    failures = ctx.SimpleQueue()
-    try:
-        mp.spawn(worker, args=(free_port(), failures), nprocs=2, join=True)
-    except Exception:
-        msgs = []
-        while not failures.empty():
-            msgs.append(failures.get())
-        pytest.fail("\n".join(msgs) or "a worker failed")
+    spawn_gloo(check, 2)
 
 
 def test_check_names_each_number():

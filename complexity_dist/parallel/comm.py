@@ -74,48 +74,25 @@ class _ReduceFrom(torch.autograd.Function):
         return grad, None
 
 
-class _GatherFrom(torch.autograd.Function):
-    @staticmethod
+def _along_dim(name: str, fwd, bwd):
+    """An autograd Function that runs the collective `fwd(x, group, dim)` forward and its adjoint
+    `bwd(grad, group, dim)` backward: the four operators on a dimension differ only in this pair."""
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return all_gather_cat(x, group, dim)
+        return fwd(x, group, dim)
 
-    @staticmethod
     def backward(ctx, grad):
-        return _slice(grad, ctx.group, ctx.dim), None, None
+        return bwd(grad, ctx.group, ctx.dim), None, None
+
+    # built by name so that the grad_fn reads e.g. _GatherFromBackward in graphs and profiles
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                    "backward": staticmethod(backward)})
 
 
-class _ScatterTo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _slice(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_cat(grad, ctx.group, ctx.dim), None, None
-
-
-class _ReduceScatterTo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_cat(grad, ctx.group, ctx.dim), None, None
-
-
-class _GatherToFull(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return all_gather_cat(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
+_GatherFrom = _along_dim("_GatherFrom", all_gather_cat, _slice)
+_ScatterTo = _along_dim("_ScatterTo", _slice, all_gather_cat)
+_ReduceScatterTo = _along_dim("_ReduceScatterTo", _reduce_scatter, all_gather_cat)
+_GatherToFull = _along_dim("_GatherToFull", all_gather_cat, _reduce_scatter)
 
 
 class _AllToAll(torch.autograd.Function):
