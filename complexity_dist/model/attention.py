@@ -41,21 +41,26 @@ class MuGuidedAttention(nn.Module):
             w = torch.cat([w, w_mu], dim=1)
         return w
 
-    def project_qkv(self, n: torch.Tensor, mu_prev: torch.Tensor | None) -> torch.Tensor:
-        """[q | k | v]: the one GEMM of [n, mu_prev] against the stacked weights (mu_prev is None at layer 0).
+    def project_qkv(self, n: torch.Tensor, mu_prev: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(q, k, v): the one GEMM of [n, mu_prev] against the stacked weights (mu_prev is None at layer 0).
         The seam of a linear backend: complexity_dist/parallel/tensor_parallel.py and te_backend.py set an
         instance attribute of the same name."""
         inp = torch.cat([n, mu_prev], dim=-1) if self.has_mu else n
-        return F.linear(inp, self.qkv_weight())
+        return self.split_qkv(F.linear(inp, self.qkv_weight()))
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Views of q, k and v in the stacked projection's output. Local sizes come from the weights, so a
+        tensor-parallel shard splits the same way."""
+        return qkv.split([self.q_proj.weight.shape[0], self.k_proj.weight.shape[0], self.v_proj.weight.shape[0]],
+                         dim=-1)
 
     def forward(self, n: torch.Tensor, mu_prev: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 cache: "LayerKVCache | None" = None) -> torch.Tensor:
         B, S, _ = n.shape
         d = self.head_dim
-        qkv = self.project_qkv(n, mu_prev if self.has_mu else None)
-        # local head counts come from the weights, so a tensor-parallel shard runs the same code
-        nq, nkv = self.q_proj.weight.shape[0] // d, self.k_proj.weight.shape[0] // d
-        q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
+        q, k, v = self.project_qkv(n, mu_prev if self.has_mu else None)
+        # local head counts come from the outputs, so a tensor-parallel shard runs the same code
+        nq, nkv = q.shape[-1] // d, k.shape[-1] // d
         q = self.q_norm(q.view(B, S, nq, d)).transpose(1, 2)
         k = self.k_norm(k.view(B, S, nkv, d)).transpose(1, 2)
         v = v.view(B, S, nkv, d).transpose(1, 2)

@@ -90,11 +90,11 @@ def te_linear_like(linear: nn.Linear) -> nn.Module:
 
 
 def _summed_qkv(attn: nn.Module):
-    def project_qkv(n: torch.Tensor, mu_prev: torch.Tensor | None) -> torch.Tensor:
-        parts = [attn.q_proj(n), attn.k_proj(n), attn.v_proj(n)]
-        if mu_prev is not None:
-            parts = [p + m(mu_prev) for p, m in zip(parts, (attn.mu_to_q, attn.mu_to_k, attn.mu_to_v))]
-        return torch.cat(parts, dim=-1)
+    def project_qkv(n: torch.Tensor, mu_prev: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        q, k, v = attn.q_proj(n), attn.k_proj(n), attn.v_proj(n)
+        if mu_prev is None:
+            return q, k, v
+        return q + attn.mu_to_q(mu_prev), k + attn.mu_to_k(mu_prev), v + attn.mu_to_v(mu_prev)
     return project_qkv
 
 

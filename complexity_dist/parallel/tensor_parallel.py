@@ -262,42 +262,35 @@ class _MegatronLinears:
     def qkv(self, attn: nn.Module):
         fn, group = self.layers.linear_with_grad_accumulation_and_async_allreduce, self.group
 
-        def project_qkv(n: torch.Tensor, mu_prev: torch.Tensor | None) -> torch.Tensor:
+        def project_qkv(n: torch.Tensor, mu_prev: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
             inp = n if mu_prev is None else torch.cat([n, mu_prev], dim=-1)
             # forward: this rank's heads; backward: the input gradient all-reduced over the TP group (copy_to)
-            return fn(inp, attn.qkv_weight(), None, gradient_accumulation_fusion=False, allreduce_dgrad=True,
-                      sequence_parallel=False, tp_group=group)
+            return attn.split_qkv(fn(inp, attn.qkv_weight(), None, gradient_accumulation_fusion=False,
+                                     allreduce_dgrad=True, sequence_parallel=False, tp_group=group))
         return project_qkv
 
 
 @functools.cache
 def _megatron_classes(layers):
-    class _Checkpointless:
-        # megatron's linears save an `_extra_state` entry (None, for TE compatibility) and a load pre-hook
-        # inserts one; neither is part of this model's checkpoint names
+    class _Plain:
+        """A megatron-core linear with this model's interface: the output alone (bias-free), and no
+        `_extra_state` entry (megatron saves None for TE compatibility and a load pre-hook inserts one; neither
+        is part of this model's checkpoint names)."""
         get_extra_state = nn.Module.get_extra_state
         set_extra_state = nn.Module.set_extra_state
 
-        def _drop_extra_state_hook(self):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             self._load_state_dict_pre_hooks.clear()
 
-    class RowParallel(_Checkpointless, layers.RowParallelLinear):
-        """megatron-core's RowParallelLinear returning the output alone (bias-free)."""
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._drop_extra_state_hook()
-
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x)[0]
 
-    class ColumnParallel(_Checkpointless, layers.ColumnParallelLinear):
-        """megatron-core's ColumnParallelLinear returning the output alone (bias-free)."""
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._drop_extra_state_hook()
+    class RowParallel(_Plain, layers.RowParallelLinear):
+        pass
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x)[0]
+    class ColumnParallel(_Plain, layers.ColumnParallelLinear):
+        pass
     return RowParallel, ColumnParallel
 
 
