@@ -17,7 +17,8 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 
 def test_bench_reports_the_training_path_figures(tmp_path):
     out = tmp_path / "bench.json"
-    proc = bench("--steps", "3", "--warmup", "1", "--json", str(out), "parallel.zero_stage=1")
+    proc = bench("--steps", "3", "--warmup", "1", "--json", str(out), "--profile", str(tmp_path / "prof"),
+                 "parallel.zero_stage=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert (report["micro_batch"], report["grad_accum"], report["zero_stage"]) == (2, 2, 1)  # two micro-batches
@@ -33,6 +34,13 @@ def test_bench_reports_the_training_path_figures(tmp_path):
     assert ours["flops_per_token"] == flops_per_token(cfg.model, 32)
     assert 0 < ours["last_loss"] < 10 and ours["peak_memory_gib"] > 0
     assert "complexity (ours)" in proc.stdout and "tokens/s" in proc.stdout
+    # --profile: where the time of two more steps goes, by kind of kernel (on CPU: operators' self time)
+    kinds = (tmp_path / "prof/kinds.txt").read_text().splitlines()
+    shares = {line.split()[0]: float(line.split()[-1].rstrip("%")) for line in kinds[1:]}
+    assert "gemm" in shares and abs(sum(shares.values()) - 100) < 1, kinds
+    top = (tmp_path / "prof/top_kernels.txt").read_text()
+    assert "aten::" in top and (tmp_path / "prof/trace.json.gz").stat().st_size > 0
+    assert kinds[0] in proc.stdout
 
 
 def test_bench_baseline_needs_a_gpu_and_says_so():

@@ -1,5 +1,5 @@
-"""`complexity-dist bench CONFIG [overrides] [--baseline] [--steps N] [--json OUT]`: the one command every
-throughput figure of this project comes from.
+"""`complexity-dist bench CONFIG [overrides] [--baseline] [--steps N] [--json OUT] [--profile DIR]`: the one
+command every throughput figure of this project comes from.
 
 It runs optimizer steps of a preset on one device through the real training path (the DeepSpeed engine of
 the config's ZeRO stage, AdamW, clipping, accumulation, `train.compile`, activation checkpointing) on
@@ -7,7 +7,9 @@ synthetic tokens, and reports tokens/s, MFU (FLOPs per token as in docs/architec
 step-time median and spread. `--baseline` also times, in the same process on the same device, Megatron-Core's
 GPTModel with the Transformer Engine layer spec at the same width, depth, heads and vocabulary (a dense SwiGLU
 FFN of the config's total intermediate size: the same shape as the Llama-style models Megatron users train),
-through the same engine, and prints our MFU as a ratio of its MFU.
+through the same engine, and prints our MFU as a ratio of its MFU. `--profile DIR` runs two more steps of our
+model under torch.profiler and writes where the device time goes: a table by kind of kernel (GEMM, attention,
+communication, fused Triton/compiled, other), the top kernels, and a Chrome trace.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def synthetic_batches(vocab_size: int, micro_batch: int, seq_len: int, count: in
 
 
 def time_engine(name: str, engine, cfg: Config, layout, flops_per_token: float, parameters: int,
-                steps: int, warmup: int, device: torch.device) -> BenchResult:
+                steps: int, warmup: int, device: torch.device, profile_dir: str | None = None) -> BenchResult:
     from complexity_dist.train.metrics import memory_gib, peak_flops_per_device
     from complexity_dist.train.step import optimizer_step
 
@@ -83,12 +85,68 @@ def time_engine(name: str, engine, cfg: Config, layout, flops_per_token: float, 
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             losses.append(loss)
+    if profile_dir is not None:
+        profile_steps(engine, batches, layout.grad_accum, cfg.optim.lr, device, Path(profile_dir))
     median = statistics.median(times)
     peak = peak_flops_per_device(device)
     tokens_per_s = tokens_per_step / median
     return BenchResult(name, parameters, flops_per_token, tokens_per_step, times, tokens_per_s,
                        tokens_per_s * flops_per_token / peak if peak else None, memory_gib(device),
                        losses[0], losses[-1])
+
+
+# kernel name fragments -> kind, first match wins (cuBLAS/cuBLASLt/CUTLASS GEMMs, flash/cuDNN attention, NCCL)
+_KERNEL_KINDS = (
+    ("communication", ("nccl", "gloo", "all_reduce", "allreduce", "all_gather", "reduce_scatter", "alltoall")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "wgmma", "matmul", "aten::mm", "aten::addmm", "aten::bmm",
+              "grouped_mm")),
+    ("fused triton / compiled", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, parts in _KERNEL_KINDS if any(p in low for p in parts)), "other")
+
+
+def profile_steps(engine, batches, grad_accum: int, lr: float, device: torch.device, out: Path,
+                  steps: int = 2) -> str:
+    """Profile `steps` optimizer steps; write kinds.txt (device time by kernel kind), top_kernels.txt and
+    trace.json.gz under `out`, and return the kinds table. On CPU the operators' self CPU time stands in for
+    kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from complexity_dist.train.step import optimizer_step
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            optimizer_step(engine, batches, grad_accum, lr, device).item()
+        _sync(device)
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / "trace.json.gz"))  # gzip: a 1.5b step is ~100 MB of JSON
+    events = prof.key_averages()
+    if cuda:  # kernels only: device time of operators would count their kernels twice
+        rows = [(e.key, e.self_device_time_total, e.count) for e in events if e.self_device_time_total > 0
+                and e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        rows = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
+    total = sum(t for _, t, _ in rows) or 1
+    by_kind: dict[str, float] = {}
+    for key, t, _ in rows:
+        by_kind[kernel_kind(key)] = by_kind.get(kernel_kind(key), 0.0) + t
+    unit = "device" if cuda else "CPU (operators)"
+    kinds = [f"{unit} time over {steps} steps by kind: {total / 1e3:.1f} ms",
+             *(f"{kind:<26} {t / 1e3:>10.1f} ms {t / total:>6.1%}"
+               for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]))]
+    top = [f"{'ms':>10} {'share':>6} {'calls':>6} {'kind':<26} kernel"]
+    top += [f"{t / 1e3:>10.2f} {t / total:>6.1%} {n:>6} {kernel_kind(k):<26} {k[:140]}"
+            for k, t, n in sorted(rows, key=lambda r: -r[1])[:40]]
+    (out / "kinds.txt").write_text("\n".join(kinds) + "\n")
+    (out / "top_kernels.txt").write_text("\n".join(top) + "\n")
+    return "\n".join(kinds)
 
 
 def _sync(device: torch.device) -> None:
@@ -103,7 +161,8 @@ def _release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def bench_complexity(cfg: Config, env, bf16: bool, steps: int, warmup: int) -> BenchResult:
+def bench_complexity(cfg: Config, env, bf16: bool, steps: int, warmup: int,
+                     profile_dir: str | None = None) -> BenchResult:
     from complexity_dist.model import ComplexityForCausalLM, count_parameters
     from complexity_dist.model.accounting import flops_per_token
     from complexity_dist.parallel.deepspeed_engine import build_engine
@@ -119,7 +178,7 @@ def bench_complexity(cfg: Config, env, bf16: bool, steps: int, warmup: int) -> B
     engine = build_engine(model.to(env.device), cfg, env.layout, bf16)
     result = time_engine("complexity (ours)", engine, cfg, env.layout,
                          flops_per_token(cfg.model, cfg.data.seq_len), count_parameters(model), steps, warmup,
-                         env.device)
+                         env.device, profile_dir)
     del engine, model
     _release(env.device)
     return result
@@ -239,7 +298,7 @@ def bench_main(args: argparse.Namespace) -> int:
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and env.device.type == "cuda")
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "CPU"
     try:
-        results = [bench_complexity(cfg, env, bf16, args.steps, args.warmup)]
+        results = [bench_complexity(cfg, env, bf16, args.steps, args.warmup, args.profile)]
         if args.baseline:
             results.append(bench_megatron(cfg, env, bf16, args.steps, args.warmup))
     finally:
@@ -247,6 +306,9 @@ def bench_main(args: argparse.Namespace) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     print(format_report(cfg, layout, device_name, args.steps, args.warmup, results))
+    if args.profile:
+        print(f"profile of complexity (ours), 2 steps -> {args.profile}/ (kinds.txt, top_kernels.txt, trace.json.gz)")
+        print((Path(args.profile) / "kinds.txt").read_text(), end="")
     if args.json:
         out = {"config": str(args.config), "overrides": overrides, "device": device_name,
                "seq_len": cfg.data.seq_len, "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
@@ -274,4 +336,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--baseline", action="store_true",
                    help="also time Megatron-Core GPTModel with the TE layer spec (dense, same sizes; needs CUDA)")
     p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument("--profile", metavar="DIR",
+                   help="after timing, profile two steps of our model: time by kernel kind, top kernels and a "
+                        "Chrome trace under DIR")
     p.set_defaults(func=bench_main)
