@@ -1,5 +1,7 @@
 """complexity_dist/parallel/comm.py on 2 gloo processes: each operator's forward and backward against its
 definition (the module docstring), computed here from every rank's input, which each rank can rebuild."""
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,62 +12,76 @@ from complexity_dist.parallel import comm
 WORLD = 2
 
 
+DEVICE = torch.device("cpu")  # tests/gpu/test_gpu_comm.py runs the same checks on CUDA (NCCL)
+
+
 def x_of(r, shape=(4, 6)):
     """Rank r's input: distinct per rank and per element."""
     n = torch.tensor(shape).prod().item()
-    return (torch.arange(n, dtype=torch.float64).reshape(shape) + 1) * (1 + r) + 0.5 * r
+    return ((torch.arange(n, dtype=torch.float64).reshape(shape) + 1) * (1 + r) + 0.5 * r).to(DEVICE)
 
 
 def g_of(r, shape):
     """Rank r's upstream gradient."""
     n = torch.tensor(shape).prod().item()
-    return torch.linspace(-1, 1, n, dtype=torch.float64).reshape(shape) * (3 - r) + r
+    return (torch.linspace(-1, 1, n, dtype=torch.float64).reshape(shape) * (3 - r) + r).to(DEVICE)
 
 
-def forward_backward(op, rank, **kw):
-    x = x_of(rank).requires_grad_()
+def forward_backward(op, rank, shape=(4, 6), **kw):
+    x = x_of(rank, shape).requires_grad_()
     y = op(x, **kw)
     y.backward(g_of(rank, y.shape))
     return y.detach(), x.grad
 
 
 def check(rank, group):
-    xs = [x_of(r) for r in range(WORLD)]
+    check_along_dims(rank, group, (4, 6), dims=(0, 1))
+    check_all_to_all(rank, group)
+
+
+def check_along_dims(rank, group, shape, dims):
+    xs = [x_of(r, shape) for r in range(WORLD)]
+    run = functools.partial(forward_backward, rank=rank, shape=shape)
 
     # copy_to: identity forward, all-reduce (sum) backward
-    y, gx = forward_backward(comm.copy_to, rank, group=group)
+    y, gx = run(comm.copy_to, group=group)
     assert torch.equal(y, xs[rank])
     assert torch.equal(gx, sum(g_of(r, y.shape) for r in range(WORLD)))
 
     # reduce_from: all-reduce forward, identity backward
-    y, gx = forward_backward(comm.reduce_from, rank, group=group)
+    y, gx = run(comm.reduce_from, group=group)
     assert torch.equal(y, sum(xs))
     assert torch.equal(gx, g_of(rank, y.shape))
 
-    for dim in (0, 1):
+    for dim in dims:
         # gather_from: all-gather forward, this rank's slice of the gradient backward
-        y, gx = forward_backward(comm.gather_from, rank, group=group, dim=dim)
+        y, gx = run(comm.gather_from, group=group, dim=dim)
         assert torch.equal(y, torch.cat(xs, dim=dim))
         assert torch.equal(gx, g_of(rank, y.shape).chunk(WORLD, dim=dim)[rank])
 
         # scatter_to: this rank's slice forward, all-gather of every rank's gradient backward
-        y, gx = forward_backward(comm.scatter_to, rank, group=group, dim=dim)
+        y, gx = run(comm.scatter_to, group=group, dim=dim)
         assert torch.equal(y, xs[rank].chunk(WORLD, dim=dim)[rank])
         assert torch.equal(gx, torch.cat([g_of(r, y.shape) for r in range(WORLD)], dim=dim))
 
         # reduce_scatter_to: slice of the sum forward, all-gather backward
-        y, gx = forward_backward(comm.reduce_scatter_to, rank, group=group, dim=dim)
+        y, gx = run(comm.reduce_scatter_to, group=group, dim=dim)
         assert torch.equal(y, sum(xs).chunk(WORLD, dim=dim)[rank])
         assert torch.equal(gx, torch.cat([g_of(r, y.shape) for r in range(WORLD)], dim=dim))
 
         # gather_to_full: all-gather forward, slice of the summed gradient backward
-        y, gx = forward_backward(comm.gather_to_full, rank, group=group, dim=dim)
+        y, gx = run(comm.gather_to_full, group=group, dim=dim)
         assert torch.equal(y, torch.cat(xs, dim=dim))
         assert torch.equal(gx, sum(g_of(r, y.shape) for r in range(WORLD)).chunk(WORLD, dim=dim)[rank])
 
     # a dimension that does not split over the ranks is refused with the sizes
     with pytest.raises(ValueError, match="dimension 1 of size 5 does not split over 2 ranks"):
         comm.scatter_to(torch.zeros(2, 5), group, dim=1)
+    with pytest.raises(ValueError, match="dimension 1 of size 5 does not split over 2 ranks"):
+        comm.reduce_scatter_to(torch.zeros(2, 5, device=DEVICE), group, dim=1)
+
+
+def check_all_to_all(rank, group):
 
     # all_to_all with uneven and empty splits: rank 0 sends 1 row to itself and 3 to rank 1, rank 1 sends 2 to
     # rank 0 and none to itself
@@ -81,7 +97,7 @@ def check(rank, group):
     back = [g_of(dest, (sum(recv[dest]), 6)).split(recv[dest])[rank] for dest in range(WORLD)]
     assert torch.equal(x.grad, torch.cat(back))
     # integer rows (token ids) travel too
-    ids = torch.arange(4) + 10 * rank
+    ids = torch.arange(4, device=DEVICE) + 10 * rank
     got = comm.all_to_all(ids[:sum(send[rank])], group, send[rank], recv[rank])
     assert got.tolist() == [i for s in range(WORLD) for i in
                             (torch.arange(4) + 10 * s)[:sum(send[s])].split(send[s])[rank].tolist()]

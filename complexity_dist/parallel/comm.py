@@ -35,9 +35,19 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+def _nccl(group) -> bool:
+    return dist.get_backend(group) == "nccl"
+
+
 def all_gather_cat(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    parts = [torch.empty_like(x.contiguous()) for _ in range(group_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    x = x.contiguous()
+    if _nccl(group) and all(s == 1 for s in x.shape[:dim]):
+        # the ranks' pieces are contiguous blocks of the output: NCCL writes them in place, no concatenation
+        out = x.new_empty((group_size(group) * x.shape[dim], *x.shape[dim + 1:]))
+        dist.all_gather_into_tensor(out, x.reshape(x.shape[dim:]), group=group)
+        return out.view(*x.shape[:dim], *out.shape)
+    parts = [torch.empty_like(x) for _ in range(group_size(group))]
+    dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=dim)
 
 
@@ -49,8 +59,17 @@ def _slice(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    # all-reduce then slice: gloo has no reduce_scatter; on NCCL the two cost the same bytes up to a factor 2
-    return _slice(_all_reduce(x, group), group, dim)
+    if not _nccl(group):  # gloo has no reduce-scatter: all-reduce, keep this rank's slice
+        return _slice(_all_reduce(x, group), group, dim)
+    n = group_size(group)
+    if x.shape[dim] % n:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {n} ranks")
+    # NCCL scatters contiguous blocks of dim 0: put rank j's slice of `dim` in block j (half the bytes of an
+    # all-reduce on two ranks)
+    blocks = x.contiguous() if all(s == 1 for s in x.shape[:dim]) else torch.cat(x.chunk(n, dim=dim), dim=0)
+    out = x.new_empty((*x.shape[:dim], x.shape[dim] // n, *x.shape[dim + 1:]))
+    dist.reduce_scatter_tensor(out, blocks, group=group)
+    return out
 
 
 class _CopyTo(torch.autograd.Function):

@@ -9,7 +9,8 @@ The plan (tp = size of the group, r = this rank):
     attention q/k/v, mu_to_q/k/v   column-parallel by head: rows of query heads r*nq/tp.. and kv heads
                                    r*nkv/tp.. (the attention reads its local head counts from the weights;
                                    contiguous head blocks keep GQA's q-head -> kv-head map local)
-    attention inputs n, mu_prev    copy_to (SP: gather_to_full along the sequence)
+    attention inputs n, mu_prev    copy_to (SP: gather_to_full along the sequence), both through one
+                                   collective on [n, mu_prev]
     o_proj                         row-parallel (input columns of this rank's heads), output reduce_from
                                    (SP: reduce_scatter_to along the sequence)
     experts                        gate_up [E, H, 2I] -> [E, H, 2I/tp] = cat(gate slice r, up slice r),
@@ -350,7 +351,11 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
 
             def attn_inputs(mod, args):
                 n, mu_prev, *rest = args
-                return (enter(n), None if mu_prev is None else enter(mu_prev), *rest)
+                if mu_prev is None:
+                    return (enter(n), None, *rest)
+                # both inputs of the stacked projection through one collective (SP: one all-gather forward,
+                # one reduce-scatter backward; without SP one backward all-reduce instead of two)
+                return (*enter(torch.cat([n, mu_prev], dim=-1)).chunk(2, dim=-1), *rest)
             attn.register_forward_pre_hook(attn_inputs)
             attn.o_proj.register_forward_hook(lambda mod, args, out: leave(out))
         # shared by every head, applied to this rank's heads only
