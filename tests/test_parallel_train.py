@@ -13,8 +13,9 @@ Every launch writes its full weights (gathered from the shards by rank 0) at the
     ep2_moved  EP2 (dp 2), ZeRO 2, margin 0           parity with tokens moved by the override; MLflow metric
     tp2ep2     4 processes: TP2 x EP2 (dp 2), ZeRO 1, preempted at 3 and resumed: parity, expert rows survive
     tp2ep2_sp  4 processes: TP2 x EP2 + sequence parallel, ZeRO 2, margin 0   parity with ref0 (tokens moved)
+    ref_hard_compiled / tp2_sp_hard_compiled   1 process / TP2 + SP, compiled layers, hard routing, ZeRO 2
 
-All runs: mu_router straight_through (so the router trains too) and weight decay 0, so a parameter that moved
+All runs but the *_hard_compiled pair: mu_router straight_through (so the router trains too) and weight decay 0, so a parameter that moved
 got a gradient (Adam moves nothing with zero gradients and zero moments).
 """
 import json
@@ -64,6 +65,11 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     # one process's order); what SP adds is routing on slices and the override's plans: margin 0 moves tokens
     launch(root, "tp2ep2_sp", dataset, *four, "parallel.sequence_parallel=true", "parallel.zero_stage=2",
            "model.router_base_margin=0", "train.steps=3", nproc=4)
+    # compiled layers with hard routing (the presets' setting): mu_router's gradient is an exact zero, which
+    # DeepSpeed's ZeRO 2 hooks and SP's reduction of replicated gradients need (None crashed them when compiled)
+    hard = ["model.mu_router=hard", "train.compile=true", "parallel.zero_stage=2", "train.steps=3"]
+    launch(root, "ref_hard_compiled", dataset, *hard, nproc=1)
+    launch(root, "tp2_sp_hard_compiled", dataset, *hard, "parallel.tp=2", "parallel.sequence_parallel=true")
     return root
 
 
@@ -106,6 +112,20 @@ def test_layout_equals_one_process(runs, name):
     assert_parity(runs, name)
     # the base route only: no token moved by the mu override, on any rank, in any layer
     assert all(r["routed_override_frac"] == 0.0 for r in metrics(runs / name))
+
+
+def test_compiled_sequence_parallel_with_hard_routing(runs):
+    got, want = metrics(runs / "tp2_sp_hard_compiled"), metrics(runs / "ref_hard_compiled")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3]
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in want]),
+                                   **LOSS_TOL, msg=lambda m: f"{key}: {m}")
+    first, last = weights(runs, "tp2_sp_hard_compiled", 0), weights(runs, "tp2_sp_hard_compiled", 3)
+    ref_last = weights(runs, "ref_hard_compiled", 3)
+    for k in ref_last:
+        torch.testing.assert_close(last[k], ref_last[k], **WEIGHT_TOL, msg=lambda m: f"{k}: {m}")
+        # argmax routing: mu_router stays exactly as initialised, everything else trains
+        assert torch.equal(last[k], first[k]) == k.endswith("mlp.mu_router.weight"), k
 
 
 def test_expert_parallel_with_tokens_moved_by_the_override(runs):

@@ -151,4 +151,24 @@ class TokenRoutedMLP(nn.Module):
             # forward unchanged (factor is exactly 1); backward carries d p_e / d logits to mu_router
             p = torch.softmax(logits.float(), dim=-1).gather(-1, expert.unsqueeze(-1))
             out = out * (p / p.detach()).to(out.dtype)
+        else:
+            out = _ZeroGradTo.apply(out, self.mu_router.weight)
         return out
+
+
+class _ZeroGradTo(torch.autograd.Function):
+    """Identity on `out`; backward gives `weight` an exact zero gradient. Hard routing's argmax has derivative
+    zero, so mu_router's true gradient is zero: stated explicitly rather than left undefined, because a
+    compiled layer's backward runs the gradient hooks of a parameter that got none with None, which DeepSpeed's
+    ZeRO 2/3 hooks and tensor parallel's reduction cannot take. The weight stays fixed: AdamW moves nothing on
+    zero gradients and zero moments, and complexity_dist/parallel/deepspeed_engine.py exempts it from decay."""
+
+    @staticmethod
+    def forward(ctx, out, weight):
+        ctx.weight_meta = (weight.shape, weight.dtype, weight.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.weight_meta
+        return grad, torch.zeros(shape, dtype=dtype, device=device)

@@ -36,6 +36,7 @@ DeepSpeed's external-parameter tracking), EP x DP, PP with ZeRO 1 and TP x PP.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,8 @@ def linear_backend_problems(cfg: Config) -> list[str]:
                             "policy saves (complexity_dist/model/checkpointing.py), so they would be recomputed "
                             "(full's cost; not verified); use train.activation_checkpointing=full or none, or "
                             "model.linear_backend=torch")
+        if cfg.train.fp8 != "none" and os.environ.get(FP8_UNVERIFIED_ENV) != "1":
+            problems.append(FP8_REFUSAL.format(mode=cfg.train.fp8))
         problems += _te_problems(cfg)
     elif cfg.train.fp8 != "none":
         problems.append(f"train.fp8={cfg.train.fp8} runs the projections through Transformer Engine and needs "
@@ -116,6 +119,16 @@ def linear_backend_problems(cfg: Config) -> list[str]:
                             "autograd functions run collectives in backward); set train.compile=false or "
                             "model.linear_backend=torch")
     return problems
+
+
+# FP8 training is refused until it is shown to learn: on an H200 (TE 2.20, 150m preset, 200 steps, seq 256 x 16,
+# the recipe of tests/gpu/test_gpu_te.py) both recipes ended at loss 10.3735 = ln(32000) -- a constant output --
+# while the same run in bf16 through TE reached 6.11; one FP8 step outside the training engine matches bf16.
+# FP8_UNVERIFIED_ENV=1 lets the GPU tests (and whoever debugs it) run it anyway.
+FP8_UNVERIFIED_ENV = "COMPLEXITY_DIST_FP8_UNVERIFIED"
+FP8_REFUSAL = ("train.fp8={mode} is disabled: in a 200-step check on an H200 FP8 training did not learn (the loss "
+               "stayed at ln(vocab_size) while bf16 fell to 6.1); train with train.fp8=none (bf16 through "
+               "model.linear_backend=te or torch). To run it anyway for debugging, set " + FP8_UNVERIFIED_ENV + "=1")
 
 
 def _te_problems(cfg: Config) -> list[str]:
