@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from complexity_dist.config import ModelConfig
-from complexity_dist.model.layers import make_linear
+from complexity_dist.model.layers import make_linear, zero_grad_to
 
 
 def route(token_ids: torch.Tensor, router_logits: torch.Tensor, num_experts: int, margin: float
@@ -152,23 +152,11 @@ class TokenRoutedMLP(nn.Module):
             p = torch.softmax(logits.float(), dim=-1).gather(-1, expert.unsqueeze(-1))
             out = out * (p / p.detach()).to(out.dtype)
         else:
-            out = _ZeroGradTo.apply(out, self.mu_router.weight)
+            # argmax's derivative is zero, so mu_router's true gradient is zero: stated explicitly rather than
+            # left undefined, because a compiled layer's backward runs the gradient hooks of a parameter that
+            # got none with None, which DeepSpeed's ZeRO 2/3 hooks and tensor parallel's reduction cannot take.
+            # It stays as initialised: AdamW moves nothing on zero gradients and zero moments, and
+            # complexity_dist/parallel/deepspeed_engine.py exempts it from weight decay
+            out = zero_grad_to(out, self.mu_router.weight)
         return out
 
-
-class _ZeroGradTo(torch.autograd.Function):
-    """Identity on `out`; backward gives `weight` an exact zero gradient. Hard routing's argmax has derivative
-    zero, so mu_router's true gradient is zero: stated explicitly rather than left undefined, because a
-    compiled layer's backward runs the gradient hooks of a parameter that got none with None, which DeepSpeed's
-    ZeRO 2/3 hooks and tensor parallel's reduction cannot take. The weight stays fixed: AdamW moves nothing on
-    zero gradients and zero moments, and complexity_dist/parallel/deepspeed_engine.py exempts it from decay."""
-
-    @staticmethod
-    def forward(ctx, out, weight):
-        ctx.weight_meta = (weight.shape, weight.dtype, weight.device)
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        shape, dtype, device = ctx.weight_meta
-        return grad, torch.zeros(shape, dtype=dtype, device=device)

@@ -41,6 +41,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)
 
 
+class _ZeroGradTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, alive, dead):
+        ctx.dead_shape, ctx.dead_dtype = dead.shape, dead.dtype
+        return alive.view_as(alive)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.zeros(ctx.dead_shape, dtype=ctx.dead_dtype, device=grad.device)
+
+
+def zero_grad_to(alive: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """`alive` unchanged (a view), and in backward an exact zero gradient for `dead`: for a tensor whose true
+    gradient is zero but which autograd would leave without one (None), where a consumer needs a tensor."""
+    return _ZeroGradTo.apply(alive, dead)
+
+
 def make_linear(in_features: int, out_features: int, bias: bool = False, parallel: str = "replicated") -> nn.Module:
     """The one place projections are built. `parallel` says how a tensor-parallel backend would split it:
     "column" (output features), "row" (input features) or "replicated". The plain torch backend ignores it;

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from complexity_dist.config import Config, Layout
-from complexity_dist.model.layers import compute_dtype, rope_tables
+from complexity_dist.model.layers import compute_dtype, rope_tables, zero_grad_to
 
 TIED_KEY = "embed"
 
@@ -80,21 +80,6 @@ class EmbeddingOnlyPipe(nn.Module):
         return self.embed_tokens(input_ids), input_ids
 
 
-class _ZeroGradTo(torch.autograd.Function):
-    """Returns `alive` unchanged and gives `dead` a zero gradient. The highway sum entering the last decoder
-    layer feeds only that layer's highway and mu_prev outputs, which nothing uses: its gradient is zero (None
-    in the single-process model), but DeepSpeed asserts that every float tensor a stage received has one."""
-
-    @staticmethod
-    def forward(ctx, alive, dead):
-        ctx.dead_shape, ctx.dead_dtype = dead.shape, dead.dtype
-        return alive.view_as(alive)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, torch.zeros(ctx.dead_shape, dtype=ctx.dead_dtype, device=grad.device)
-
-
 class DecoderLayerPipe(nn.Module):
     """One DecoderLayer of the model, taking and returning what a stage boundary carries."""
 
@@ -115,7 +100,10 @@ class DecoderLayerPipe(nn.Module):
         cos, sin = rope_tables(self.head_dim, 0, ids.shape[1], self.rope_theta, compute_dtype(x.dtype), x.device)
         out = self.layer(x, v, mu_prev, highway, ids, cos, sin)
         if self.is_last and highway is not None and highway.requires_grad:
-            out = (_ZeroGradTo.apply(out[0], highway), *out[1:])
+            # the highway sum entering the last layer feeds only outputs that nothing uses: its gradient is zero
+            # (None in the single-process model), but DeepSpeed asserts that every float tensor a stage
+            # received has one
+            out = (zero_grad_to(out[0], highway), *out[1:])
         return (*out, ids)
 
 
