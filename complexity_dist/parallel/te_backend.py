@@ -91,6 +91,10 @@ def te_linear_like(linear: nn.Linear) -> nn.Module:
 
 def _summed_qkv(attn: nn.Module):
     def project_qkv(n: torch.Tensor, mu_prev: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        # under TP, n and mu_prev arrive as the two halves of one gathered [n, mu_prev] tensor
+        # (complexity_dist/parallel/tensor_parallel.py): strided views, which TE's GEMMs do not take
+        n = n.contiguous()
+        mu_prev = None if mu_prev is None else mu_prev.contiguous()
         q, k, v = attn.q_proj(n), attn.k_proj(n), attn.v_proj(n)
         if mu_prev is None:
             return q, k, v
