@@ -4,6 +4,7 @@ into 2 stages, against a 1-process run on the same global batch.
 
     ref        1 process, ZeRO 1, micro_batch 4 (no accumulation)       the reference (5 steps)
     pp2        PP2, ZeRO 1, micro_batch 1: 4 micro-batches per step     parity; uninterrupted twin of pp2_split
+    pp2_compiled  the same with compiled decoder layers (3 steps)       parity
     pp2_split  the same, preempted at step 3 and resumed                bit-exact resume from DeepSpeed's
                                                                         per-layer pipeline checkpoint
     tp2pp2     4 processes: TP2 x PP2, ZeRO 1, micro_batch 1, preempted at 3 and resumed: parity before and
@@ -30,6 +31,7 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     root = tmp_path_factory.mktemp("pipeline-train")
     launch(root, "ref", dataset, nproc=1)
     launch(root, "pp2", dataset, *PP2)
+    launch(root, "pp2_compiled", dataset, *PP2, "train.compile=true", "train.steps=3")
     preempt = {"COMPLEXITY_DIST_PREEMPT_AT": "3"}
     assert launch(root, "pp2_split", dataset, *PP2, env=preempt, check=False).returncode != 0
     launch(root, "pp2_split", dataset, *PP2, dump="w_resumed")
@@ -38,7 +40,7 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     return root
 
 
-@pytest.mark.parametrize("name", ["pp2", "tp2pp2"])
+@pytest.mark.parametrize("name", ["pp2", "pp2_compiled", "tp2pp2"])
 def test_pipeline_equals_one_process(runs, name):
     got, want = metrics(runs / name)[:3], metrics(runs / "ref")[:3]
     assert [r["step"] for r in got] == [1, 2, 3]
