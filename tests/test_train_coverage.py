@@ -164,10 +164,15 @@ def test_weight_decay_groups():
     per_layer = ["dynamics.controller_in.bias", "dynamics.controller_out.bias", "dynamics.mu",
                  "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.k_norm.weight",
                  "self_attn.q_norm.weight"]
+    # mu_router too: with hard routing (the default) its gradient is an exact zero and it must stay as it is
+    per_layer.append("mlp.mu_router.weight")
     assert got_no_decay == sorted([f"model.layers.{i}.{n}" for i in range(2) for n in per_layer]
                                   + ["model.norm.weight"])
+    trained = ComplexityForCausalLM(load_config(None, ["model.mu_router=straight_through"]).model)
+    trained_decay = {id(p) for p in param_groups(trained, 0.1)[0]["params"]}
+    # a trained router decays like any matrix
+    assert id(trained.model.layers[1].mlp.mu_router.weight) in trained_decay
     got_decay = {names[id(p)] for p in decay["params"]}
     for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.gate_up_proj",
-                 "model.layers.1.mlp.down_proj", "model.layers.1.mlp.mu_router.weight",
-                 "model.layers.1.dynamics.mu_proj.weight", "model.layers.1.dynamics.controller_out.weight"):
+                 "model.layers.1.mlp.down_proj", "model.layers.1.dynamics.mu_proj.weight", "model.layers.1.dynamics.controller_out.weight"):
         assert name in got_decay, name

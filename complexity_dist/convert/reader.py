@@ -352,13 +352,13 @@ def _zero0_optimizer_index(step_dir: Path) -> dict[str, int]:
     groups. That order is a function of the model config (deepspeed_engine.param_groups), so it is rebuilt on
     the meta device (no memory, no weights)."""
     from complexity_dist.model import ComplexityForCausalLM
-    from complexity_dist.parallel.deepspeed_engine import no_weight_decay
+    from complexity_dist.parallel.deepspeed_engine import param_groups
 
     saved = Checkpointer.inspect(None, step_dir)
     with torch.device("meta"):
         model = ComplexityForCausalLM(model_config_of(saved))
-    named = list(model.named_parameters())
-    order = [n for n, p in named if not no_weight_decay(n, p)] + [n for n, p in named if no_weight_decay(n, p)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
     return {n: i for i, n in enumerate(order)}
 
 
