@@ -98,7 +98,7 @@ def time_engine(name: str, engine, cfg: Config, layout, flops_per_token: float, 
 # kernel name fragments -> kind, first match wins (cuBLAS/cuBLASLt/CUTLASS GEMMs, flash/cuDNN attention, NCCL)
 _KERNEL_KINDS = (
     ("communication", ("nccl", "gloo", "all_reduce", "allreduce", "all_gather", "reduce_scatter", "alltoall")),
-    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("attention", ("flash", "fmha", "attention", "attn", "cudnn::fusion")),
     ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "wgmma", "matmul", "aten::mm", "aten::addmm", "aten::bmm",
               "grouped_mm")),
     ("fused triton / compiled", ("triton",)),
@@ -128,9 +128,10 @@ def profile_steps(engine, batches, grad_accum: int, lr: float, device: torch.dev
     out.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(out / "trace.json.gz"))  # gzip: a 1.5b step is ~100 MB of JSON
     events = prof.key_averages()
-    if cuda:  # kernels only: device time of operators would count their kernels twice
+    if cuda:  # kernels only: device time of operators would count their kernels twice, and so would the
+        # device-side ranges of record_function annotations ("Optimizer.step#AdamW.step"; no kernel has a '#')
         rows = [(e.key, e.self_device_time_total, e.count) for e in events if e.self_device_time_total > 0
-                and e.device_type == torch.autograd.DeviceType.CUDA]
+                and e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.key]
     else:
         rows = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
     total = sum(t for _, t, _ in rows) or 1
