@@ -132,6 +132,9 @@ class TokenRoutedMLP(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I))
         self.down_proj = nn.Parameter(torch.empty(E, I, H))
         self.mu_router = make_linear(H, E)
+        # hard routing: argmax gives mu_router an exact zero gradient (forward below); without decay it stays
+        # as initialised (read by complexity_dist/parallel/deepspeed_engine.py)
+        self.mu_router.weight.no_weight_decay = not self.straight_through
         # share of tokens the mu override sent away from token_id % E in the last forward (a metric,
         # read by complexity_dist.parallel.expert_parallel.routed_override_fraction); a tensor, no host sync
         self.routed_override_frac: torch.Tensor | None = None
@@ -155,8 +158,7 @@ class TokenRoutedMLP(nn.Module):
             # argmax's derivative is zero, so mu_router's true gradient is zero: stated explicitly rather than
             # left undefined, because a compiled layer's backward runs the gradient hooks of a parameter that
             # got none with None, which DeepSpeed's ZeRO 2/3 hooks and tensor parallel's reduction cannot take.
-            # It stays as initialised: AdamW moves nothing on zero gradients and zero moments, and
-            # complexity_dist/parallel/deepspeed_engine.py exempts it from weight decay
+            # It stays as initialised: AdamW moves nothing on zero gradients and zero moments, and it is
+            # marked no_weight_decay (__init__)
             out = zero_grad_to(out, self.mu_router.weight)
         return out
-

@@ -39,9 +39,14 @@ def _nccl(group) -> bool:
     return dist.get_backend(group) == "nccl"
 
 
+def _blocks_along(x: torch.Tensor, dim: int) -> bool:
+    """Whether equal slices of `dim` are contiguous blocks of x's memory (only size-1 dimensions before it)."""
+    return all(s == 1 for s in x.shape[:dim])
+
+
 def all_gather_cat(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     x = x.contiguous()
-    if _nccl(group) and all(s == 1 for s in x.shape[:dim]):
+    if _nccl(group) and _blocks_along(x, dim):
         # the ranks' pieces are contiguous blocks of the output: NCCL writes them in place, no concatenation
         out = x.new_empty((group_size(group) * x.shape[dim], *x.shape[dim + 1:]))
         dist.all_gather_into_tensor(out, x.reshape(x.shape[dim:]), group=group)
@@ -51,22 +56,25 @@ def all_gather_cat(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _slice(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+def _splits(x: torch.Tensor, group, dim: int) -> int:
+    """The group size, after checking that `dim` of x splits evenly over it."""
     n = group_size(group)
     if x.shape[dim] % n:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {n} ranks")
-    return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
+    return n
+
+
+def _slice(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    return x.chunk(_splits(x, group, dim), dim=dim)[group_rank(group)].contiguous()
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     if not _nccl(group):  # gloo has no reduce-scatter: all-reduce, keep this rank's slice
         return _slice(_all_reduce(x, group), group, dim)
-    n = group_size(group)
-    if x.shape[dim] % n:
-        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {n} ranks")
+    n = _splits(x, group, dim)
     # NCCL scatters contiguous blocks of dim 0: put rank j's slice of `dim` in block j (half the bytes of an
     # all-reduce on two ranks)
-    blocks = x.contiguous() if all(s == 1 for s in x.shape[:dim]) else torch.cat(x.chunk(n, dim=dim), dim=0)
+    blocks = x.contiguous() if _blocks_along(x, dim) else torch.cat(x.chunk(n, dim=dim), dim=0)
     out = x.new_empty((*x.shape[:dim], x.shape[dim] // n, *x.shape[dim + 1:]))
     dist.reduce_scatter_tensor(out, blocks, group=group)
     return out

@@ -9,19 +9,18 @@ from torch import nn
 from complexity_dist.config import Config, Layout
 
 
-def no_weight_decay(name: str, param: nn.Parameter, hard_router: bool = False) -> bool:
-    """Biases, norm weights and mu get no weight decay (docs/architecture.md, "Training recipe"); nor does
-    mu_router under hard routing, which gets an exact zero gradient and must stay as it is."""
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norm weights and mu get no weight decay (docs/architecture.md, "Training recipe"), nor does a
+    parameter the model marks `no_weight_decay` (mu_router under hard routing: an exact zero gradient, it must
+    stay as it is). The mark travels with the parameter into any wrapper (pipeline stages, shards)."""
     return param.dim() < 2 or name.endswith(".bias") or "norm" in name or name.endswith("dynamics.mu") or \
-        (hard_router and name.endswith("mlp.mu_router.weight"))
+        getattr(param, "no_weight_decay", False)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
-    config = getattr(model, "config", None)
-    hard_router = getattr(config, "mu_router", "hard") == "hard"
     for name, p in model.named_parameters():
-        (no_decay if no_weight_decay(name, p, hard_router) else decay).append(p)
+        (no_decay if no_weight_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
