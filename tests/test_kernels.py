@@ -212,3 +212,19 @@ def test_config_kernels_key():
     with pytest.raises(ConfigError, match="parallel.pp=2"):
         load_config(None, tiny_overrides(**{"model.kernels": "triton", "parallel.pp": 2,
                                             "parallel.zero_stage": 1})).validate(world_size=2)
+
+
+def test_triton_check_compiles_without_a_graph_break(monkeypatch):
+    """triton_runs_on is traced inside every compiled decoder layer, also inside torch.utils.checkpoint, where a
+    graph break makes dynamo run the whole layer eagerly (selective checkpointing ran at half speed on an H200:
+    dynamo cannot trace importlib's find_spec on Python 3.12). So it may call nothing dynamo cannot trace."""
+    import importlib.util
+
+    def untraceable(*args, **kwargs):
+        torch._dynamo.graph_break()
+
+    monkeypatch.setattr(importlib.util, "find_spec", untraceable)
+    torch._dynamo.reset()
+    check = torch.compile(lambda t: t * 2 if kernels.triton_runs_on(t) else t + 1, fullgraph=True, backend="eager")
+    x = torch.ones(3)
+    torch.testing.assert_close(check(x), x * 2 if kernels.triton_runs_on(x) else x + 1)
