@@ -35,25 +35,15 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-def _nccl(group) -> bool:
-    return dist.get_backend(group) == "nccl"
-
-
-def _blocks_along(x: torch.Tensor, dim: int) -> bool:
-    """Whether equal slices of `dim` are contiguous blocks of x's memory (only size-1 dimensions before it)."""
-    return all(s == 1 for s in x.shape[:dim])
-
-
 def all_gather_cat(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """The ranks' x concatenated along `dim`, rank order. One all-gather into one buffer [n, *x.shape]; moving
+    its rank axis next to `dim` is free when only size-1 dimensions precede `dim` (then the ranks' pieces are
+    already contiguous blocks of the result) and one copy otherwise (sequence parallel's [B, S/tp, H] with B > 1)."""
+    n = group_size(group)
     x = x.contiguous()
-    if _nccl(group) and _blocks_along(x, dim):
-        # the ranks' pieces are contiguous blocks of the output: NCCL writes them in place, no concatenation
-        out = x.new_empty((group_size(group) * x.shape[dim], *x.shape[dim + 1:]))
-        dist.all_gather_into_tensor(out, x.reshape(x.shape[dim:]), group=group)
-        return out.view(*x.shape[:dim], *out.shape)
-    parts = [torch.empty_like(x) for _ in range(group_size(group))]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=dim)
+    out = x.new_empty((n * x.shape[0], *x.shape[1:]))  # the shape gloo requires; NCCL takes any of this size
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out.view(n, *x.shape).movedim(0, dim).reshape(*x.shape[:dim], n * x.shape[dim], *x.shape[dim + 1:])
 
 
 def _splits(x: torch.Tensor, group, dim: int) -> int:
@@ -69,14 +59,14 @@ def _slice(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    if not _nccl(group):  # gloo has no reduce-scatter: all-reduce, keep this rank's slice
-        return _slice(_all_reduce(x, group), group, dim)
+    """Sum over the ranks, keep this rank's slice of `dim` (half the bytes of an all-reduce on two ranks)."""
     n = _splits(x, group, dim)
-    # NCCL scatters contiguous blocks of dim 0: put rank j's slice of `dim` in block j (half the bytes of an
-    # all-reduce on two ranks)
-    blocks = x.contiguous() if _blocks_along(x, dim) else torch.cat(x.chunk(n, dim=dim), dim=0)
-    out = x.new_empty((*x.shape[:dim], x.shape[dim] // n, *x.shape[dim + 1:]))
-    dist.reduce_scatter_tensor(out, blocks, group=group)
+    d = x.shape[dim] // n
+    # the collective scatters contiguous blocks: block j = rank j's slice of `dim` (a view, no copy, when only
+    # size-1 dimensions precede `dim`)
+    blocks = x.reshape(*x.shape[:dim], n, d, *x.shape[dim + 1:]).movedim(dim, 0).contiguous()
+    out = x.new_empty((*x.shape[:dim], d, *x.shape[dim + 1:]))
+    dist.reduce_scatter_tensor(out, blocks.view(n * out.shape[0], *out.shape[1:]), group=group)
     return out
 
 
