@@ -91,7 +91,7 @@ def test_refusals_name_the_setting():
     assert "torch.cuda.current_device()" in refused("model.linear_backend=megatron", "parallel.sequence_parallel=true")
     assert "train.compile=true" in refused("model.linear_backend=megatron", "train.compile=true")
     assert "needs model.linear_backend=te" in refused("train.fp8=current")
-    assert "FP8 training did not learn" in refused("model.linear_backend=te", "train.fp8=delayed")
+    assert "FP8 training spiked where bf16 did not" in refused("model.linear_backend=te", "train.fp8=delayed")
     check_parallelize(load_config(None, ["parallel.tp=2", "parallel.zero_stage=1", "model.linear_backend=megatron"]))
 
 

@@ -28,8 +28,9 @@ from test_train import metrics, run  # noqa: E402
 
 PRESET = "configs/150m.yaml"
 FP8_DOES_NOT_LEARN = pytest.mark.xfail(
-    reason="H200, TE 2.20 (2026-11-29): one FP8 step's worst gradient is 0.28-0.31 from bf16 (limit 0.25), and "
-           "200 FP8 steps end at loss 10.3735 = ln(32000) with both recipes vs 6.11 in bf16", strict=False)
+    reason="H200, TE 2.20 (2026-11-29/30): one FP8 step's worst gradient is 0.28-0.31 from bf16 (limit 0.25), and "
+           "FP8 runs of the 200-step recipe spike (loss to 12-18, gradient norm to 132) and end 10-20% above bf16 "
+           "(one ended at ln(32000))", strict=False)
 
 
 @pytest.fixture(autouse=True)
