@@ -32,7 +32,8 @@ for name in names:
     rows = [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
     last = rows[len(rows) // 3:]  # past compilation and warm-up
     tps = statistics.median((b["tokens"] - a["tokens"]) / b["step_time_s"] for a, b in zip(last, last[1:]))
-    mfu = statistics.median((r.get("mfu") or float("nan")) for r in last)
+    # a row's mfu is of the trainer's smoothed rate (its window still holds the compile step): rescale it
+    mfu = rows[-1]["mfu"] / rows[-1]["tokens_per_s"] * tps if rows[-1].get("mfu") else float("nan")
     gpus = 1 if name == "gpu1" else n
     base = base or tps
     eff = "" if gpus == 1 else f", scaling {tps / (n * base):.1%} of {n} x one GPU"
