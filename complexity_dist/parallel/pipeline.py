@@ -10,16 +10,21 @@ rank builds the full `ComplexityForCausalLM` with the same seed, and the pipe la
 to its embedding, decoder layers, final norm and lm_head. The pipe layers are:
 
     0            tied "embed" (embedding + lm_head)   input_ids -> (x, ids)
-    1..L         one per DecoderLayer                  (x, ids) | (x, v, mu_prev, highway, ids) -> 5-tuple
+    1..L         one per DecoderLayer                  (x, ids) | (x, v, mu_prev, highway, ids) | (stacked, ids)
+                                                       -> (x, v, mu_prev, highway, ids) | (stacked, ids)
     L+1          final norm                            5-tuple -> hidden
     L+2          tied "embed", head forward            hidden -> logits;  loss = model.loss_fn(logits, targets)
 
-Stage boundaries carry tuples of tensors (x, v, mu_prev, highway, token ids). At layer 0 the single-process
-model passes v = mu_prev = highway = None; here layer 0 receives the 2-tuple (x, ids) instead and passes
-None itself, so it runs exactly the single-process code. Layer 0 always sits on stage 0 (every stage holds
-at least one decoder layer), so no None ever crosses a boundary. Rotary tables are recomputed by each
-layer (deterministic, cheap): as float tensors crossing a boundary DeepSpeed would mark them as needing
-gradients and send gradients back for them.
+Inside a stage, layers pass (x, v, mu_prev, highway, token ids). A stage boundary carries ONE float tensor,
+stacked = torch.stack([x, v, mu_prev, highway]), and the ids: DeepSpeed's PipelineEngine runs one backward
+call per float tensor a stage outputs, each through the whole stage's graph (retain_graph), so four tensors
+made every non-last stage's backward four times as long (PP2 ran at 35% of two GPUs on H200s). The stack is
+an exact copy, and its gradient is one tensor as well (the unused highway of the last layer gets zeros).
+At layer 0 the single-process model passes v = mu_prev = highway = None; here layer 0 receives the 2-tuple
+(x, ids) instead and passes None itself, so it runs exactly the single-process code. Layer 0 always sits on
+stage 0 (every stage holds at least one decoder layer), so no None ever crosses a boundary. Rotary tables
+are recomputed by each layer (deterministic, cheap): as float tensors crossing a boundary DeepSpeed would
+mark them as needing gradients and send gradients back for them.
 
 Tied embedding/lm_head: DeepSpeed's TiedLayerSpec builds the tied module on the first and the last stage,
 broadcasts its weight from the first at start and after a load, and all-reduces its gradient over the
@@ -39,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from complexity_dist.config import Config, Layout
-from complexity_dist.model.layers import compute_dtype, rope_tables, zero_grad_to
+from complexity_dist.model.layers import compute_dtype, rope_tables
 
 TIED_KEY = "embed"
 
@@ -81,29 +86,33 @@ class EmbeddingOnlyPipe(nn.Module):
 
 
 class DecoderLayerPipe(nn.Module):
-    """One DecoderLayer of the model, taking and returning what a stage boundary carries."""
+    """One DecoderLayer of the model, taking and returning what its neighbours in the pipe pass: the first
+    layer of a stage (but layer 0) unstacks a boundary's tensor, the last one of a stage (but the model's
+    last) stacks its outputs into one (see the module doc)."""
 
-    def __init__(self, model, index: int, activation_checkpointing: str):
+    def __init__(self, model, index: int, activation_checkpointing: str, first_in_stage: bool = False,
+                 last_in_stage: bool = False):
         super().__init__()
         self.layer = model.model.layers[index]
-        self.is_last = index == len(model.model.layers) - 1
+        self.unstacks_input = first_in_stage and index > 0
+        self.stacks_output = last_in_stage and index < len(model.model.layers) - 1
         self.head_dim, self.rope_theta = model.model.head_dim, model.model.rope_theta
         # the layer checkpoints itself in training mode (DecoderLayer.forward), as in the single-process model
         self.layer.activation_checkpointing = activation_checkpointing
 
     def forward(self, inputs):
-        if len(inputs) == 2:  # layer 0: what the single-process model passes as None
+        if len(inputs) == 2 and not self.unstacks_input:  # layer 0: what the single-process model passes as None
             x, ids = inputs
             v = mu_prev = highway = None
+        elif self.unstacks_input:
+            stacked, ids = inputs
+            x, v, mu_prev, highway = stacked.unbind(0)
         else:
             x, v, mu_prev, highway, ids = inputs
         cos, sin = rope_tables(self.head_dim, 0, ids.shape[1], self.rope_theta, compute_dtype(x.dtype), x.device)
         out = self.layer(x, v, mu_prev, highway, ids, cos, sin)
-        if self.is_last and highway is not None and highway.requires_grad:
-            # the highway sum entering the last layer feeds only outputs that nothing uses: its gradient is zero
-            # (None in the single-process model), but DeepSpeed asserts that every float tensor a stage
-            # received has one
-            out = (zero_grad_to(out[0], highway), *out[1:])
+        if self.stacks_output:
+            return torch.stack(out), ids
         return (*out, ids)
 
 
@@ -143,7 +152,9 @@ def build_pipeline_module(model, cfg: Config, layout: Layout):
     tied = cfg.model.tie_word_embeddings
     specs = [TiedLayerSpec(TIED_KEY, EmbedPipe, model, tied_weight_attr=["embed_tokens.weight"]) if tied
              else LayerSpec(EmbeddingOnlyPipe, model)]
-    specs += [LayerSpec(DecoderLayerPipe, model, i, ckpt) for i in range(layout.num_layers)]
+    firsts = {layout.stage_layers(st).start for st in range(layout.pp)}
+    lasts = {layout.stage_layers(st)[-1] for st in range(layout.pp)}
+    specs += [LayerSpec(DecoderLayerPipe, model, i, ckpt, i in firsts, i in lasts) for i in range(layout.num_layers)]
     specs.append(LayerSpec(NormPipe, model))
     specs.append(TiedLayerSpec(TIED_KEY, EmbedPipe, model, forward_fn=head_forward,
                                tied_weight_attr=["embed_tokens.weight"]) if tied else LayerSpec(HeadPipe, model))
