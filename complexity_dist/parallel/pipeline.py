@@ -101,12 +101,12 @@ class DecoderLayerPipe(nn.Module):
         self.layer.activation_checkpointing = activation_checkpointing
 
     def forward(self, inputs):
-        if len(inputs) == 2 and not self.unstacks_input:  # layer 0: what the single-process model passes as None
-            x, ids = inputs
-            v = mu_prev = highway = None
-        elif self.unstacks_input:
+        if self.unstacks_input:
             stacked, ids = inputs
             x, v, mu_prev, highway = stacked.unbind(0)
+        elif len(inputs) == 2:  # layer 0: what the single-process model passes as None
+            x, ids = inputs
+            v = mu_prev = highway = None
         else:
             x, v, mu_prev, highway, ids = inputs
         cos, sin = rope_tables(self.head_dim, 0, ids.shape[1], self.rope_theta, compute_dtype(x.dtype), x.device)
