@@ -31,7 +31,7 @@ class DecoderLayer(nn.Module):
         self.activation_checkpointing = "none"
 
     def forward(self, x, v, mu_prev, highway, token_ids, cos, sin, cache=None):
-        """(x, v, mu_prev, highway) in, the same four out: exactly what a pipeline stage boundary carries.
+        """(x, v, mu_prev, highway) in, the same four out: what a pipeline stage boundary carries (stacked).
         v, mu_prev and highway are None at layer 0."""
         if self.training and cache is None:
             return run_checkpointed(self.activation_checkpointing, self.step, x, v, mu_prev, highway,

@@ -58,8 +58,8 @@ def deepspeed_config(cfg: Config, layout: Layout, bf16: bool) -> dict:
         zero["stage3_param_persistence_threshold"] = cfg.parallel.zero3_persistence_threshold
     pipeline = {}
     if layout.pp > 1:
-        # DeepSpeed splits a boundary's activations over the TP ranks only when one tensor of it needs
-        # gradients; ours carries four (x, v, mu_prev, highway: complexity_dist/parallel/pipeline.py)
+        # DeepSpeed's splitting of a boundary's activations over the TP ranks (and gathering them back) is not
+        # verified with our boundary (x, v, mu_prev, highway stacked: complexity_dist/parallel/pipeline.py)
         pipeline = {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}
     return {
         **pipeline,
