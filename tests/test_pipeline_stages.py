@@ -1,26 +1,30 @@
-"""The stage boundary of pipeline parallel (complexity_dist/parallel/pipeline.py), in process on 2 gloo ranks:
-DeepSpeed's PipelineEngine runs one backward call per float tensor a stage outputs, so a boundary carrying
-(x, v, mu_prev, highway) as four tensors ran each non-last stage's backward four times (a third of the
-expected tokens/s on two H200s). Here every parameter's gradient must be accumulated exactly once per
-micro-batch, on both stages, and the boundary must carry one float tensor. (Parity of the pipeline with one
-process: tests/test_pipeline_train.py.)"""
+"""The stage boundary of pipeline parallel (complexity_dist/parallel/pipeline.py): DeepSpeed's PipelineEngine runs
+one backward call per float tensor a stage outputs, so a boundary carrying (x, v, mu_prev, highway) as four
+tensors ran each non-last stage's backward four times (a third of the expected tokens/s on two H200s). Here, on
+2 gloo processes under torchrun (the trainer's own process lifecycle), every parameter's gradient must be
+accumulated exactly once per micro-batch on both stages, and the boundary must carry one float tensor.
+(Parity of the pipeline with one process: tests/test_pipeline_train.py.)
+
+Run directly, this file is the worker: `torchrun --nproc-per-node 2 tests/test_pipeline_stages.py`."""
 import collections
-import os
+import sys
 
 import torch
-from conftest import tiny_overrides
-from spawn_util import spawn_gloo
 
 MICRO_BATCHES = 4
 
 
-def check_one_backward_per_micro_batch(rank):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+def check_one_backward_per_micro_batch() -> str:
+    import torch.distributed as dist
+    from conftest import tiny_overrides
+
     from complexity_dist.config import load_config
     from complexity_dist.model import ComplexityForCausalLM
     from complexity_dist.parallel.deepspeed_engine import build_engine
     from complexity_dist.parallel.pipeline import build_pipeline_module
 
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     # 4 layers on 2 stages: each stage has a first and a last layer that are not the model's first or last
     cfg = load_config(None, tiny_overrides(**{"model.num_hidden_layers": 4, "model.mu_router": "straight_through",
                                               "parallel.pp": 2, "train.micro_batch": 1,
@@ -44,8 +48,22 @@ def check_one_backward_per_micro_batch(rank):
     if rank == 0:
         assert len(boundary) == MICRO_BATCHES
         floats = [t for t in boundary[0] if t.is_floating_point()]
-        assert len(floats) == 1 and floats[0].shape == (4, 1, cfg.data.seq_len, cfg.model.hidden_size)
+        assert len(floats) == 1 and floats[0].shape == (4, 1, cfg.data.seq_len, cfg.model.hidden_size), \
+            [tuple(t.shape) for t in floats]
+    dist.barrier()  # neither rank tears down while the other still communicates
+    dist.destroy_process_group()
+    return f"stage {rank}: {len(held)} parameters, each accumulated once per micro-batch"
 
 
 def test_each_stage_runs_one_backward_per_micro_batch():
-    spawn_gloo(check_one_backward_per_micro_batch, 2)
+    from conftest import ROOT, free_port
+    from test_train import run
+
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+                str(ROOT / "tests/test_pipeline_stages.py")], timeout=300)
+    assert "stage 0: " in proc.stdout and "stage 1: " in proc.stdout, proc.stdout
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))  # conftest's helpers
+    print(check_one_backward_per_micro_batch(), flush=True)
