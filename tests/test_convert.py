@@ -1,11 +1,9 @@
 """`complexity-dist convert`: training checkpoints (ZeRO-1 on 2 processes, ZeRO-3) -> Hugging Face -> back."""
 import json
-import sys
 
 import pytest
 import torch
-from conftest import free_port
-from test_train import ROOT, dataset, metrics, run, train_cmd  # noqa: F401  (dataset is a fixture)
+from test_train import ROOT, dataset, launcher, metrics, run, train_cmd  # noqa: F401  (dataset is a fixture)
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -15,10 +13,7 @@ STEPS = 6
 
 
 def convert_cmd(*args, nproc=1):
-    if nproc == 1:
-        return [sys.executable, "-m", "complexity_dist", "convert", *map(str, args)]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-            "-m", "complexity_dist", "convert", *map(str, args)]
+    return [*launcher(nproc), "-m", "complexity_dist", "convert", *map(str, args)]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ accumulated exactly once per micro-batch on both stages, and the boundary must c
 Run directly, this file is the worker: `torchrun --nproc-per-node 2 tests/test_pipeline_stages.py`."""
 import collections
 import sys
+from pathlib import Path
 
 import torch
 
@@ -56,14 +57,12 @@ def check_one_backward_per_micro_batch() -> str:
 
 
 def test_each_stage_runs_one_backward_per_micro_batch():
-    from conftest import ROOT, free_port
-    from test_train import run
+    from test_train import ROOT, launcher, run
 
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-                str(ROOT / "tests/test_pipeline_stages.py")], timeout=300)
+    proc = run([*launcher(2), str(ROOT / "tests/test_pipeline_stages.py")], timeout=300)
     assert "stage 0: " in proc.stdout and "stage 1: " in proc.stdout, proc.stdout
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))  # conftest's helpers
+    sys.path.insert(0, str(Path(__file__).parent))  # conftest's helpers
     print(check_one_backward_per_micro_batch(), flush=True)

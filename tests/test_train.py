@@ -34,13 +34,16 @@ def dataset(tmp_path_factory):
     return out
 
 
-def train_cmd(run_dir: Path, data: Path, *overrides: str, nproc: int = 1) -> list[str]:
-    args = ["-m", "complexity_dist", "train", str(ROOT / "configs/tiny.yaml"), *SMALL,
-            f"train.run_dir={run_dir}", f"data.path={data}", *overrides]
+def launcher(nproc: int) -> list[str]:
+    """The command prefix that runs a Python program on `nproc` local processes (plain python for one)."""
     if nproc == 1:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}", *args]
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
+
+
+def train_cmd(run_dir: Path, data: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    return [*launcher(nproc), "-m", "complexity_dist", "train", str(ROOT / "configs/tiny.yaml"), *SMALL,
+            f"train.run_dir={run_dir}", f"data.path={data}", *overrides]
 
 
 def run(cmd, env_extra=None, check=True, timeout=600) -> subprocess.CompletedProcess:

@@ -23,13 +23,9 @@ import torch
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def triton_installed() -> bool:
-    return _TRITON_INSTALLED
-
-
 def triton_runs_on(t: torch.Tensor) -> bool:
     """Whether a Triton kernel can take this tensor: CUDA, or anything under the interpreter."""
-    if not triton_installed() or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if not _TRITON_INSTALLED or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
