@@ -102,3 +102,47 @@ def test_compiles_to_one_graph_whatever_the_routing():
             torch.testing.assert_close(a, b, **TOL[torch.float32])
     assert len(graphs) == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
+@pytest.mark.parametrize("mode", ["none", "selective"])
+def test_compiled_backward_never_makes_the_token_dimension_contiguous(mode, monkeypatch):
+    """The CUDA grouped GEMM asserts on the device unless every group's token count is a multiple of 8
+    whenever the grouped (token) dimension of an operand is its contiguous one. Compiled under selective
+    checkpointing, torch's own backward let inductor materialize the recomputed rows transposed ([K, T], T
+    contiguous): `bench ... train.activation_checkpointing=selective` failed on the GPU. This runs the GPU
+    path on CPU, compiled as a decoder layer is, and checks the layout of every eager grouped GEMM call
+    (the backward runs eagerly inside the grouped_mm_backward op) as well as values and gradients."""
+    from complexity_dist.model.checkpointing import run_checkpointed
+
+    real = torch._grouped_mm
+    calls = []
+
+    def checked(a, b, offs=None, **kw):
+        if torch.compiler.is_compiling():  # being traced: checked when the compiled code runs
+            return real(a, b, offs=offs, **kw)
+        grouped_dims = [(a, 0)] if b.dim() == 3 else [(a, 1), (b, 0)]  # [T, K] x [E, K, N] | [K, T] x [T, N]
+        for t, d in grouped_dims:
+            assert t.stride(d) != 1, f"grouped dimension contiguous: shape {tuple(t.shape)} stride {t.stride()}"
+        calls.append(b.dim())
+        return real(a, b, offs=offs, **kw)
+
+    monkeypatch.setattr(torch, "_grouped_mm", checked)
+    ids = [2, 0, 1, 2, 2, 0, 3, 1, 1, 3, 0, 2, 3]  # groups of 3 and 4 tokens: none a multiple of 8
+    x, expert, gate_up, down = make(len(ids), 16, 8, 4, torch.bfloat16, ids)  # what compiled code accepts
+
+    def layer(x, expert, gate_up, down):  # elementwise work around the experts, as in a decoder layer
+        return experts._grouped_kernel_experts(F.rms_norm(x, (x.shape[-1],)), expert, gate_up, down) * 2 + x
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: run_checkpointed(mode, layer, *a), fullgraph=True)
+    got = values_and_grads(compiled, x, expert, gate_up, down)
+    as_fp32 = [x.detach().float().requires_grad_(), expert] + [w.detach().float().requires_grad_() for w in (gate_up, down)]
+    want = values_and_grads(lambda x, *a: per_token_reference(F.rms_norm(x, (x.shape[-1],)), *a) * 2 + x,
+                            *as_fp32)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=5e-2)  # bf16 against fp32
+    # checked: both weight gradients and at least both row gradients (compiled code looks torch._grouped_mm
+    # up when it runs, so the forward's calls may be here too)
+    assert calls.count(2) == 2 and calls.count(3) >= 2
+    torch._dynamo.reset()

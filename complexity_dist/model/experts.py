@@ -67,6 +67,39 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+@torch.library.custom_op("complexity_dist::grouped_mm_backward", mutates_args=())
+def _grouped_mm_backward(rows: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of out = _grouped_mm(rows [T, K], weight [E, K, N], offs): (d rows [T, K], d weight [E, K, N]).
+    An opaque op on purpose: compiled, torch's own backward let inductor lay out a recomputed `rows`
+    (train.activation_checkpointing=selective) already transposed, as [K, T] with T contiguous; the kernel then
+    needs every group's token count to be a multiple of 8 and asserts on the device. Here the token dimension
+    is never the contiguous one, whatever layout the caller hands in (contiguous() is free when it is)."""
+    rows, grad = rows.contiguous(), grad.contiguous()
+    return (torch._grouped_mm(grad, weight.transpose(-2, -1), offs=offs),
+            torch._grouped_mm(rows.t(), grad, offs=offs))
+
+
+@_grouped_mm_backward.register_fake
+def _(rows, weight, grad, offs):
+    return rows.new_empty(rows.shape), weight.new_empty(weight.shape)
+
+
+class _GroupedGemm(torch.autograd.Function):
+    """torch._grouped_mm(rows, weight, offs) with the backward above. The forward stays the aten op, so the
+    selective checkpointing policy (complexity_dist/model/checkpointing.py) keeps its output."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows, weight, offs)
+        return torch._grouped_mm(rows, weight, offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, weight, offs = ctx.saved_tensors
+        return *_grouped_mm_backward(rows, weight, grad, offs), None
+
+
 def _grouped_kernel_experts(x: torch.Tensor, expert: torch.Tensor, gate_up: torch.Tensor,
                             down: torch.Tensor) -> torch.Tensor:
     """One sort, then one grouped GEMM per projection; group ends stay on the device (int32 offsets)."""
@@ -80,8 +113,8 @@ def _grouped_kernel_experts(x: torch.Tensor, expert: torch.Tensor, gate_up: torc
                               right=True, out_int32=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T, device=x.device))
     x_sorted = _PermuteRows.apply(x, order, inverse)
-    gate, up = torch._grouped_mm(x_sorted, gate_up, offs=offs).chunk(2, dim=-1)
-    out_sorted = torch._grouped_mm(F.silu(gate) * up, down, offs=offs)
+    gate, up = _GroupedGemm.apply(x_sorted, gate_up, offs).chunk(2, dim=-1)
+    out_sorted = _GroupedGemm.apply(F.silu(gate) * up, down, offs)
     return _PermuteRows.apply(out_sorted, inverse, order)
 
 
