@@ -118,12 +118,6 @@ def _expert_parallel_compute(self: TokenRoutedMLP, x: torch.Tensor, expert: torc
     return all_to_all(y, group, plan.recv_splits, plan.send_splits).index_select(0, plan.inverse)
 
 
-# Run eagerly inside a compiled layer (train.compile): the plan needs host-side split sizes (a sync) and is
-# cached per micro-batch, so dynamo would break the graph at each sync and recompile the cache lookup for
-# every new ids tensor; one clean break around the whole dispatch instead.
-_eager_expert_parallel_compute = torch.compiler.disable(_expert_parallel_compute)
-
-
 def expert_modules(model: nn.Module) -> list[TokenRoutedMLP]:
     return [m for m in model.modules() if isinstance(m, TokenRoutedMLP)]
 
@@ -146,7 +140,7 @@ def apply_expert_parallel(model: nn.Module, ep_group) -> PlanCache:
         module.local_experts = rows
         module._ep_group, module._ep_cache = ep_group, cache
         module.register_forward_pre_hook(_remember_token_ids, with_kwargs=True)
-        module.compute_experts = MethodType(_eager_expert_parallel_compute, module)
+        module.compute_experts = MethodType(_expert_parallel_compute, module)
     return cache
 
 
