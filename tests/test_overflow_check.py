@@ -6,9 +6,8 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port, tiny_overrides
+from conftest import tiny_overrides
+from spawn_util import spawn_gloo
 
 from complexity_dist.config import Layout, load_config
 from complexity_dist.model import ComplexityForCausalLM
@@ -32,45 +31,39 @@ def _backward(engine, rank: int, poison_rank: int | None):
     engine.backward(loss)
 
 
-def _worker(rank, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        for stage in (1, 2):
-            engine = _engine(stage)
-            opt = engine.optimizer
-            assert opt.has_overflow_partitioned_grads_serial.__func__ is _any_nonfinite_grad
-            stock = type(opt).has_overflow_partitioned_grads_serial
+def _check(rank):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))  # what DeepSpeed reads
+    for stage in (1, 2):
+        engine = _engine(stage)
+        opt = engine.optimizer
+        assert opt.has_overflow_partitioned_grads_serial.__func__ is _any_nonfinite_grad
+        stock = type(opt).has_overflow_partitioned_grads_serial
 
-            # finite gradients: both checks say no overflow, and the step is taken
-            _backward(engine, rank, poison_rank=None)
-            assert not bool(_any_nonfinite_grad(opt)) and not bool(stock(opt))
-            before = [p.detach().clone() for p in engine.module.parameters()]
-            engine.step()
-            assert not opt.overflow and math.isfinite(engine.get_global_grad_norm())
-            assert any(not torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+        # finite gradients: both checks say no overflow, and the step is taken
+        _backward(engine, rank, poison_rank=None)
+        assert not bool(_any_nonfinite_grad(opt)) and not bool(stock(opt))
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        engine.step()
+        assert not opt.overflow and math.isfinite(engine.get_global_grad_norm())
+        assert any(not torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
 
-            # one infinity in one rank's partition: both checks see it there, the other rank's partition
-            # is clean, and has_overflow (all-reduced) says overflow on both ranks
-            _backward(engine, rank, poison_rank=None)
-            grads = [g for group in opt.averaged_gradients.values() for g in group if g is not None]
-            if rank == 1:
-                grads[len(grads) // 2].view(-1)[0] = float("inf")
-            assert bool(_any_nonfinite_grad(opt)) == bool(stock(opt)) == (rank == 1)
-            assert opt.has_overflow() is True
-            opt.zero_grad(set_to_none=True)
+        # one infinity in one rank's partition: both checks see it there, the other rank's partition
+        # is clean, and has_overflow (all-reduced) says overflow on both ranks
+        _backward(engine, rank, poison_rank=None)
+        grads = [g for group in opt.averaged_gradients.values() for g in group if g is not None]
+        if rank == 1:
+            grads[len(grads) // 2].view(-1)[0] = float("inf")
+        assert bool(_any_nonfinite_grad(opt)) == bool(stock(opt)) == (rank == 1)
+        assert opt.has_overflow() is True
+        opt.zero_grad(set_to_none=True)
 
-            # a NaN loss on rank 0 only: the step is skipped on both ranks, weights untouched
-            _backward(engine, rank, poison_rank=0)
-            before = [p.detach().clone() for p in engine.module.parameters()]
-            engine.step()
-            assert opt.overflow
-            assert all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
-    finally:
-        dist.destroy_process_group()
+        # a NaN loss on rank 0 only: the step is skipped on both ranks, weights untouched
+        _backward(engine, rank, poison_rank=0)
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        engine.step()
+        assert opt.overflow
+        assert all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
 
 
 def test_fused_overflow_check_matches_deepspeed_and_skips():
-    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
+    spawn_gloo(_check, WORLD)
