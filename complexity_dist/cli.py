@@ -1,4 +1,4 @@
-"""`complexity-dist` command line: train | prepare-data | convert | bench | info | smoke."""
+"""`complexity-dist` command line: train | prepare-data | convert | bench | compare-runs | info | smoke."""
 from __future__ import annotations
 
 import argparse
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from complexity_dist.train.bench import add_bench_parser
     add_bench_parser(sub)
+
+    from complexity_dist.train.compare import add_compare_parser
+    add_compare_parser(sub)
 
     p = sub.add_parser("info", help="parameters, FLOPs per token and a memory estimate of a config")
     p.add_argument("config")

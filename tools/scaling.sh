@@ -4,7 +4,10 @@
 # scaling efficiency (N-GPU tokens/s over N x one GPU's).
 #   tools/scaling.sh configs/pretrain_1b.yaml 2 [section.key=value ...]
 #   LAYOUTS="dp;parallel.ep=2;parallel.tp=2 parallel.sequence_parallel=true" tools/scaling.sh ...
-# LAYOUTS: ';'-separated override sets for the N-GPU runs ("dp" = data parallel only, the default).
+# LAYOUTS: ';'-separated override sets for the N-GPU runs ("dp" = data parallel only, the default). A layout's
+# overrides come after the common ones, so weak scaling (the batch grows with the data-parallel size) is a layout
+# with its own batch: LAYOUTS="train.global_batch=256;parallel.ep=4 train.global_batch=256" tools/scaling.sh
+# configs/pretrain_1b.yaml 8 train.global_batch=32 train.micro_batch=8 (tokens/s per GPU against one GPU's).
 set -euo pipefail
 config=$1; n=$2; shift 2
 out=${OUT:-runs/scaling}
