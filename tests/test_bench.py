@@ -41,6 +41,28 @@ def test_bench_reports_the_training_path_figures(tmp_path):
     top = (tmp_path / "prof/top_kernels.txt").read_text()
     assert "aten::" in top and (tmp_path / "prof/trace.json.gz").stat().st_size > 0
     assert kinds[0] in proc.stdout
+    idle = (tmp_path / "prof/idle.txt").read_text()
+    assert idle.startswith("no device activity") and idle.strip() in proc.stdout  # CPU: no kernels to wait
+
+
+def test_device_idle_is_charged_to_the_outermost_open_operator():
+    from complexity_dist.train.bench import device_idle, idle_report
+
+    def x(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [x("kernel", "gemm", 0, 10), x("kernel", "add", 20, 10), x("gpu_memcpy", "copy", 25, 10),
+              x("kernel", "norm", 41, 9), x("kernel", "late", 60, 5),
+              x("cpu_op", "aten::isfinite", 5, 18), x("cpu_op", "aten::abs", 12, 6),  # both open at 15
+              x("cpu_op", "aten::mul", 51, 3),  # closed before the 50-60 gap's middle
+              x("ac2g", "flow", 0, 0), {"ph": "i", "cat": "kernel", "name": "instant", "ts": 100}]
+    span, idle, by_op = device_idle(events)
+    # gaps: 10-20 (middle 15: isfinite, which calls abs), 35-41 (middle 38: nothing open), 50-60
+    assert (span, idle) == (65, 10 + 6 + 10)
+    assert by_op == {"aten::isfinite": 10, "(no operator: Python between operators)": 16}
+    report = idle_report(events)
+    assert report[0].startswith("device idle 0.0 ms of 0.1 ms (40.0%)") and "aten::isfinite" in report[2]
+    assert device_idle([x("cpu_op", "aten::mm", 0, 5)]) == (0.0, 0.0, {})
 
 
 def test_bench_baseline_needs_a_gpu_and_says_so():

@@ -9,12 +9,14 @@ GPTModel with the Transformer Engine layer spec at the same width, depth, heads 
 FFN of the config's total intermediate size: the same shape as the Llama-style models Megatron users train),
 through the same engine, and prints our MFU as a ratio of its MFU. `--profile DIR` runs two more steps of our
 model under torch.profiler and writes where the device time goes: a table by kind of kernel (GEMM, attention,
-communication, fused Triton/compiled, other), the top kernels, and a Chrome trace.
+communication, fused Triton/compiled, other), the top kernels, when the device sat idle and on which CPU
+operator it was waiting, and a Chrome trace.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import statistics
 import time
@@ -112,9 +114,10 @@ def kernel_kind(name: str) -> str:
 
 def profile_steps(engine, batches, grad_accum: int, lr: float, device: torch.device, out: Path,
                   steps: int = 2) -> str:
-    """Profile `steps` optimizer steps; write kinds.txt (device time by kernel kind), top_kernels.txt and
-    trace.json.gz under `out`, and return the kinds table. On CPU the operators' self CPU time stands in for
-    kernels."""
+    """Profile `steps` optimizer steps; write kinds.txt (device time by kernel kind), top_kernels.txt,
+    idle.txt (when the device ran nothing, and which CPU operator it was waiting on) and trace.json.gz under
+    `out`, and return the kinds table with the head of idle.txt. On CPU the operators' self CPU time stands in
+    for kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     from complexity_dist.train.step import optimizer_step
@@ -147,7 +150,57 @@ def profile_steps(engine, batches, grad_accum: int, lr: float, device: torch.dev
             for k, t, n in sorted(rows, key=lambda r: -r[1])[:40]]
     (out / "kinds.txt").write_text("\n".join(kinds) + "\n")
     (out / "top_kernels.txt").write_text("\n".join(top) + "\n")
-    return "\n".join(kinds)
+    with gzip.open(out / "trace.json.gz", "rt") as f:
+        idle = idle_report(json.load(f)["traceEvents"])
+    (out / "idle.txt").write_text("\n".join(idle) + "\n")
+    return "\n".join(kinds + idle[:6])
+
+
+_DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def device_idle(events: list[dict]) -> tuple[float, float, dict[str, float]]:
+    """From a Chrome trace's events: (span of device activity, time the device ran nothing, that idle time by
+    the CPU operator running at the middle of each gap), all in microseconds. A gap is charged to the outermost
+    operator then open (the earliest-started one: aten::isfinite rather than the aten::ne it calls): the call
+    the device was waiting on. Gaps with no operator open are Python (or the profiler) between operators.
+    Empty results without device events."""
+    import heapq
+
+    device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                    if e.get("ph") == "X" and e.get("cat") in _DEVICE_EVENTS)
+    if not device:
+        return 0.0, 0.0, {}
+    gaps, busy_until = [], device[0][1]
+    for start, end in device[1:]:
+        if start > busy_until:
+            gaps.append((busy_until, start))
+        busy_until = max(busy_until, end)
+    ops = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                 if e.get("ph") == "X" and e.get("cat") == "cpu_op")
+    by_op: dict[str, float] = {}
+    open_ops: list[tuple[float, float, str]] = []  # min-heap by start: (start, end, name)
+    i = 0
+    for a, b in gaps:  # in time order, so an operator closed before one gap is closed for every later one
+        mid = (a + b) / 2
+        while i < len(ops) and ops[i][0] <= mid:
+            heapq.heappush(open_ops, ops[i])
+            i += 1
+        while open_ops and open_ops[0][1] < mid:  # the earliest-started is closed: the next one may be open
+            heapq.heappop(open_ops)
+        name = open_ops[0][2] if open_ops else "(no operator: Python between operators)"
+        by_op[name] = by_op.get(name, 0.0) + (b - a)
+    return device[-1][1] - device[0][0], sum(b - a for a, b in gaps), by_op
+
+
+def idle_report(events: list[dict], top: int = 15) -> list[str]:
+    span, idle, by_op = device_idle(events)
+    if not span:
+        return ["no device activity in the trace (a CPU run): nothing waits"]
+    lines = [f"device idle {idle / 1e3:.1f} ms of {span / 1e3:.1f} ms ({idle / span:.1%}), by the outermost CPU "
+             f"operator open meanwhile:"]
+    lines += [f"{t / 1e3:>10.1f} ms  {name[:120]}" for name, t in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
+    return lines
 
 
 def _sync(device: torch.device) -> None:
@@ -308,8 +361,10 @@ def bench_main(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     print(format_report(cfg, layout, device_name, args.steps, args.warmup, results))
     if args.profile:
-        print(f"profile of complexity (ours), 2 steps -> {args.profile}/ (kinds.txt, top_kernels.txt, trace.json.gz)")
+        print(f"profile of complexity (ours), 2 steps -> {args.profile}/ (kinds.txt, top_kernels.txt, idle.txt, "
+              f"trace.json.gz)")
         print((Path(args.profile) / "kinds.txt").read_text(), end="")
+        print("".join((Path(args.profile) / "idle.txt").read_text().splitlines(keepends=True)[:6]), end="")
     if args.json:
         out = {"config": str(args.config), "overrides": overrides, "device": device_name,
                "seq_len": cfg.data.seq_len, "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum,
