@@ -182,9 +182,18 @@ class TrainConfig:
     # one run per run_dir, enforced by rank 0 holding <run_dir>/.lock (flock); false only for a file system
     # without flock, where you make sure yourself that no two runs share the run_dir (docs/cluster.md)
     run_lock: bool = True
+    # torch.profiler over steps profile_start .. profile_start + profile_steps - 1 (as printed, from 1) on every
+    # rank: <run_dir>/profile/rank_<R>/ gets kinds.txt, top_kernels.txt, idle.txt and trace.json.gz, the reports
+    # of `complexity-dist bench --profile` (complexity_dist/train/profiling.py). 0 steps = off
+    profile_start: int = 0
+    profile_steps: int = 0
 
     def validate(self) -> None:
         _require(self.run_dir.strip() != "", "train.run_dir is empty; set it to the run's folder, e.g. runs/tiny")
+        _require(self.profile_steps >= 0, f"train.profile_steps={self.profile_steps} must be >= 0 (0 = off)")
+        _require(self.profile_steps == 0 or self.profile_start >= 1,
+                 f"train.profile_start={self.profile_start} must be >= 1 (the first profiled step, counted from 1 "
+                 f"as printed) when train.profile_steps={self.profile_steps}")
         _require(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
         _require(self.global_batch >= 1, f"train.global_batch={self.global_batch} must be >= 1")
         _require(self.micro_batch >= 0, f"train.micro_batch={self.micro_batch} must be >= 0 (0 = automatic)")

@@ -46,7 +46,7 @@ def test_bench_reports_the_training_path_figures(tmp_path):
 
 
 def test_device_idle_is_charged_to_the_outermost_open_operator():
-    from complexity_dist.train.bench import device_idle, idle_report
+    from complexity_dist.train.profiling import device_idle, idle_report
 
     def x(cat, name, ts, dur):
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}

@@ -29,7 +29,9 @@ def reference(tmp_path_factory, dataset):  # noqa: F811
 @pytest.fixture(scope="module")
 def zero1(tmp_path_factory, dataset):  # noqa: F811
     run_dir = tmp_path_factory.mktemp("z1") / "run"
-    run(train_cmd(run_dir, dataset, *COMMON, "parallel.zero_stage=1", "checkpoint.enabled=false", nproc=2))
+    # steps 4-5 under torch.profiler on both ranks: the losses below must not notice
+    run(train_cmd(run_dir, dataset, *COMMON, "parallel.zero_stage=1", "checkpoint.enabled=false",
+                  "train.profile_start=4", "train.profile_steps=2", nproc=2))
     return run_dir
 
 
@@ -62,6 +64,18 @@ def test_two_processes_reproduce_one_process(request, reference, layout):
     for step, mine, theirs in evaluated:
         assert _rel(mine, theirs) < 1e-6, (step, mine, theirs)
     assert evaluated[1][2] < evaluated[0][2]  # held-out loss fell too
+
+
+def test_profiled_steps_write_reports_on_every_rank(zero1):
+    """train.profile_start/profile_steps: each rank writes the reports of `bench --profile` for its own part of
+    the layout (here two data-parallel ranks on CPU: operators' time, and no device to wait)."""
+    for rank in (0, 1):
+        out = zero1 / "profile" / f"rank_{rank}"
+        assert (out / "kinds.txt").read_text().startswith("CPU (operators) time over 2 steps by kind")
+        assert "aten::" in (out / "top_kernels.txt").read_text()
+        assert (out / "idle.txt").read_text().startswith("no device activity")
+        assert (out / "trace.json.gz").stat().st_size > 0
+    assert sorted(p.name for p in (zero1 / "profile").iterdir()) == ["rank_0", "rank_1"]
 
 
 def test_rows_carry_validation_loss_and_peak_memory(reference, zero3):

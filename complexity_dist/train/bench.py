@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import gzip
 import json
 import statistics
 import time
@@ -97,110 +96,17 @@ def time_engine(name: str, engine, cfg: Config, layout, flops_per_token: float, 
                        losses[0], losses[-1])
 
 
-# kernel name fragments -> kind, first match wins (cuBLAS/cuBLASLt/CUTLASS GEMMs, flash/cuDNN attention, NCCL)
-_KERNEL_KINDS = (
-    ("communication", ("nccl", "gloo", "all_reduce", "allreduce", "all_gather", "reduce_scatter", "alltoall")),
-    ("attention", ("flash", "fmha", "attention", "attn", "cudnn::fusion")),
-    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "wgmma", "matmul", "aten::mm", "aten::addmm", "aten::bmm",
-              "grouped_mm")),
-    ("fused triton / compiled", ("triton",)),
-)
-
-
-def kernel_kind(name: str) -> str:
-    low = name.lower()
-    return next((kind for kind, parts in _KERNEL_KINDS if any(p in low for p in parts)), "other")
-
-
 def profile_steps(engine, batches, grad_accum: int, lr: float, device: torch.device, out: Path,
-                  steps: int = 2) -> str:
-    """Profile `steps` optimizer steps; write kinds.txt (device time by kernel kind), top_kernels.txt,
-    idle.txt (when the device ran nothing, and which CPU operator it was waiting on) and trace.json.gz under
-    `out`, and return the kinds table with the head of idle.txt. On CPU the operators' self CPU time stands in
-    for kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
+                  steps: int = 2) -> None:
+    """Profile `steps` optimizer steps and write the reports of complexity_dist/train/profiling.py under `out`."""
+    from complexity_dist.train.profiling import StepProfiler
     from complexity_dist.train.step import optimizer_step
 
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            optimizer_step(engine, batches, grad_accum, lr, device).item()
-        _sync(device)
-    out.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(out / "trace.json.gz"))  # gzip: a 1.5b step is ~100 MB of JSON
-    events = prof.key_averages()
-    if cuda:  # kernels only: device time of operators would count their kernels twice, and so would the
-        # device-side ranges of record_function annotations ("Optimizer.step#AdamW.step"; no kernel has a '#')
-        rows = [(e.key, e.self_device_time_total, e.count) for e in events if e.self_device_time_total > 0
-                and e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.key]
-    else:
-        rows = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
-    total = sum(t for _, t, _ in rows) or 1
-    by_kind: dict[str, float] = {}
-    for key, t, _ in rows:
-        by_kind[kernel_kind(key)] = by_kind.get(kernel_kind(key), 0.0) + t
-    unit = "device" if cuda else "CPU (operators)"
-    kinds = [f"{unit} time over {steps} steps by kind: {total / 1e3:.1f} ms",
-             *(f"{kind:<26} {t / 1e3:>10.1f} ms {t / total:>6.1%}"
-               for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]))]
-    top = [f"{'ms':>10} {'share':>6} {'calls':>6} {'kind':<26} kernel"]
-    top += [f"{t / 1e3:>10.2f} {t / total:>6.1%} {n:>6} {kernel_kind(k):<26} {k[:140]}"
-            for k, t, n in sorted(rows, key=lambda r: -r[1])[:40]]
-    (out / "kinds.txt").write_text("\n".join(kinds) + "\n")
-    (out / "top_kernels.txt").write_text("\n".join(top) + "\n")
-    with gzip.open(out / "trace.json.gz", "rt") as f:
-        idle = idle_report(json.load(f)["traceEvents"])
-    (out / "idle.txt").write_text("\n".join(idle) + "\n")
-    return "\n".join(kinds + idle[:6])
-
-
-_DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
-
-
-def device_idle(events: list[dict]) -> tuple[float, float, dict[str, float]]:
-    """From a Chrome trace's events: (span of device activity, time the device ran nothing, that idle time by
-    the CPU operator running at the middle of each gap), all in microseconds. A gap is charged to the outermost
-    operator then open (the earliest-started one: aten::isfinite rather than the aten::ne it calls): the call
-    the device was waiting on. Gaps with no operator open are Python (or the profiler) between operators.
-    Empty results without device events."""
-    import heapq
-
-    device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                    if e.get("ph") == "X" and e.get("cat") in _DEVICE_EVENTS)
-    if not device:
-        return 0.0, 0.0, {}
-    gaps, busy_until = [], device[0][1]
-    for start, end in device[1:]:
-        if start > busy_until:
-            gaps.append((busy_until, start))
-        busy_until = max(busy_until, end)
-    ops = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
-                 if e.get("ph") == "X" and e.get("cat") == "cpu_op")
-    by_op: dict[str, float] = {}
-    open_ops: list[tuple[float, float, str]] = []  # min-heap by start: (start, end, name)
-    i = 0
-    for a, b in gaps:  # in time order, so an operator closed before one gap is closed for every later one
-        mid = (a + b) / 2
-        while i < len(ops) and ops[i][0] <= mid:
-            heapq.heappush(open_ops, ops[i])
-            i += 1
-        while open_ops and open_ops[0][1] < mid:  # the earliest-started is closed: the next one may be open
-            heapq.heappop(open_ops)
-        name = open_ops[0][2] if open_ops else "(no operator: Python between operators)"
-        by_op[name] = by_op.get(name, 0.0) + (b - a)
-    return device[-1][1] - device[0][0], sum(b - a for a, b in gaps), by_op
-
-
-def idle_report(events: list[dict], top: int = 15) -> list[str]:
-    span, idle, by_op = device_idle(events)
-    if not span:
-        return ["no device activity in the trace (a CPU run): nothing waits"]
-    lines = [f"device idle {idle / 1e3:.1f} ms of {span / 1e3:.1f} ms ({idle / span:.1%}), by the outermost CPU "
-             f"operator open meanwhile:"]
-    lines += [f"{t / 1e3:>10.1f} ms  {name[:120]}" for name, t in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
-    return lines
+    profiler = StepProfiler(start=1, steps=steps, out=out, device=device)
+    for step in range(1, steps + 1):
+        profiler.before_step(step)
+        optimizer_step(engine, batches, grad_accum, lr, device).item()
+        profiler.after_step(step)
 
 
 def _sync(device: torch.device) -> None:

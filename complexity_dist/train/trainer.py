@@ -202,6 +202,7 @@ class Trainer:
     def fit(self) -> int:
         from complexity_dist.train.metrics import (MetricsLog, StepPrinter, Throughput, peak_flops_per_device,
                                                    peak_memory_gib)
+        from complexity_dist.train.profiling import StepProfiler
         from complexity_dist.train.tracking import Tracker
 
         cfg, env = self.cfg, self.env
@@ -218,15 +219,21 @@ class Trainer:
         guard = SkipGuard(cfg.train.max_consecutive_skips)
         batches = iter(self.loader)
         exit_code = 0
+        profiler = StepProfiler(cfg.train.profile_start, cfg.train.profile_steps,
+                                run_dir / "profile" / f"rank_{env.rank}", env.device)
         self.dump_full_weights(f"step_{self.step}")
         try:
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
+                profiler.before_step(self.step + 1)
                 loss, grad_norm, skipped, lr, override = self.train_step(batches)
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - t0
                 self.step += 1
+                if profiler.after_step(self.step) and env.is_main:
+                    printer.message(f"profile of steps {profiler.start}-{profiler.last}: {run_dir / 'profile'}/"
+                                    f"rank_*/ (kinds.txt, top_kernels.txt, idle.txt, trace.json.gz)")
                 self.tokens_seen += tokens_per_step
                 self.skipped_total += int(skipped)
                 self.dump_full_weights(f"step_{self.step}")
@@ -266,6 +273,7 @@ class Trainer:
                 print(f"complexity-dist: {e}", file=sys.stderr)
             exit_code = EXIT_NO_SPACE
         finally:
+            profiler.close()
             signal_flag.uninstall()
             if env.is_main:
                 printer.close()
