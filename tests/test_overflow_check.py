@@ -1,6 +1,6 @@
-"""The fused bf16 overflow check that build_engine gives DeepSpeed's ZeRO 1/2 optimizer
-(complexity_dist/parallel/deepspeed_engine.py `fuse_overflow_check`): the same answer as DeepSpeed's own
-per-tensor check on the same gradients, and a non-finite gradient still skips the step on every rank.
+"""The fused bf16 overflow check and clipping norm that build_engine gives DeepSpeed's ZeRO 1/2 optimizer
+(complexity_dist/parallel/deepspeed_engine.py `fuse_grad_checks`): the same answers as DeepSpeed's own
+per-tensor versions on the same gradients, and a non-finite gradient still skips the step on every rank.
 2 gloo processes, bf16, ZeRO 1 and 2, one spawn."""
 import math
 import os
@@ -11,7 +11,7 @@ from spawn_util import spawn_gloo
 
 from complexity_dist.config import Layout, load_config
 from complexity_dist.model import ComplexityForCausalLM
-from complexity_dist.parallel.deepspeed_engine import _any_nonfinite_grad, build_engine
+from complexity_dist.parallel.deepspeed_engine import _any_nonfinite_grad, _grad_norm_fused, build_engine
 
 WORLD = 2
 
@@ -37,11 +37,20 @@ def _check(rank):
         engine = _engine(stage)
         opt = engine.optimizer
         assert opt.has_overflow_partitioned_grads_serial.__func__ is _any_nonfinite_grad
+        assert opt.get_grad_norm_direct.__func__ is _grad_norm_fused
         stock = type(opt).has_overflow_partitioned_grads_serial
+        stock_norm = type(opt).get_grad_norm_direct
 
-        # finite gradients: both checks say no overflow, and the step is taken
+        def norms(norm):  # one value per parameter group, both ranks' partitions summed
+            return [float(norm(opt, opt.averaged_gradients[i], opt.params_in_partition[i]))
+                    for i in range(len(opt.bit16_groups))]
+
+        # finite gradients: both checks say no overflow, both norms agree, and the step is taken
         _backward(engine, rank, poison_rank=None)
         assert not bool(_any_nonfinite_grad(opt)) and not bool(stock(opt))
+        fused, want = norms(_grad_norm_fused), norms(stock_norm)
+        assert all(w > 0 for w in want)
+        torch.testing.assert_close(fused, want, rtol=1e-6, atol=0)  # fp32 sums against DeepSpeed's fp64
         before = [p.detach().clone() for p in engine.module.parameters()]
         engine.step()
         assert not opt.overflow and math.isfinite(engine.get_global_grad_norm())
@@ -55,6 +64,10 @@ def _check(rank):
             grads[len(grads) // 2].view(-1)[0] = float("inf")
         assert bool(_any_nonfinite_grad(opt)) == bool(stock(opt)) == (rank == 1)
         assert opt.has_overflow() is True
+        # the group holding the infinity: -1 (DeepSpeed's mark of a non-finite norm) on both ranks, both ways
+        fused, want = norms(_grad_norm_fused), norms(stock_norm)
+        assert -1.0 in fused
+        torch.testing.assert_close(fused, want, rtol=1e-6, atol=0)
         opt.zero_grad(set_to_none=True)
 
         # a NaN loss on rank 0 only: the step is skipped on both ranks, weights untouched

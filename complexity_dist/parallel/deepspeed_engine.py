@@ -92,14 +92,42 @@ def _any_nonfinite_grad(self) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads)).isfinite().all().logical_not().reshape(1)
 
 
-def fuse_overflow_check(optimizer) -> bool:
-    """Give a DeepSpeed ZeRO 1/2 optimizer the fused check above (in place). False when `optimizer` is not one
-    (ZeRO 0 uses our ClippedSkippingAdamW, whose clip_grad_norm_ is already one multi-tensor norm; ZeRO 3 has
-    its own optimizer class)."""
-    if not (hasattr(optimizer, "has_overflow_partitioned_grads_serial") and hasattr(optimizer, "averaged_gradients")
-            and hasattr(optimizer, "bit16_groups")):
+def _grad_norm_fused(self, gradients, params, norm_type=2):
+    """ZeRO 1/2's clipping norm of one parameter group (DeepSpeedZeroOptimizer.get_grad_norm_direct), L2 only
+    (anything else goes to DeepSpeed's own): the same gradients counted (pipeline-replicated ones skipped, a
+    tensor-parallel-replicated one only on model-parallel rank 0), the same sums over the data- and
+    model-parallel groups and the same -1 for a non-finite result, but the per-tensor norms as one fp32
+    multi-tensor norm instead of an fp64 copy and a norm kernel per tensor, launched one after another."""
+    if float(norm_type) != 2.0:
+        return type(self).get_grad_norm_direct(self, gradients, params, norm_type)
+    import torch.distributed as dist
+    from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
+
+    grads = (g for g in gradients if not getattr(g, "_zero_padding", False))
+    counted = [g for g, p in zip(grads, params) if not getattr(p, "ds_pipe_replicated", False)
+               and (is_model_parallel_parameter(p) or self.model_parallel_rank == 0)]
+    if counted:
+        norms = torch._foreach_norm(counted, 2.0, dtype=torch.float32)
+        total = torch.stack(norms).double().pow(2).sum().float()
+    else:
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
+    self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
+    total = total.sqrt()
+    mask_nan_or_inf_with_val_inplace(total, device=self.device)
+    return total
+
+
+def fuse_grad_checks(optimizer) -> bool:
+    """Give a DeepSpeed ZeRO 1/2 optimizer the fused overflow check and clipping norm above (in place). False
+    when `optimizer` is not one (ZeRO 0 uses our ClippedSkippingAdamW, whose clip_grad_norm_ is already one
+    multi-tensor norm; ZeRO 3 has its own optimizer class)."""
+    needed = ("has_overflow_partitioned_grads_serial", "get_grad_norm_direct", "averaged_gradients", "bit16_groups",
+              "dp_process_group", "model_parallel_rank", "_model_parallel_all_reduce")
+    if not all(hasattr(optimizer, name) for name in needed):
         return False
     optimizer.has_overflow_partitioned_grads_serial = types.MethodType(_any_nonfinite_grad, optimizer)
+    optimizer.get_grad_norm_direct = types.MethodType(_grad_norm_fused, optimizer)
     return True
 
 
@@ -129,7 +157,7 @@ def build_engine(model: nn.Module, cfg: Config, layout: Layout, bf16: bool, mpu=
     # a PipelineModule brings its own groups (DeepSpeed refuses an mpu beside it)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                            config=deepspeed_config(cfg, layout, bf16), dist_init_required=False)
-    fuse_overflow_check(engine.optimizer)
+    fuse_grad_checks(engine.optimizer)
     return engine
 
 
