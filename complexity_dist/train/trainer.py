@@ -224,8 +224,8 @@ class Trainer:
         self.dump_full_weights(f"step_{self.step}")
         try:
             while self.step < cfg.train.steps:
-                t0 = time.perf_counter()
                 profiler.before_step(self.step + 1)
+                t0 = time.perf_counter()
                 loss, grad_norm, skipped, lr, override = self.train_step(batches)
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
