@@ -118,10 +118,20 @@ def _grad_norm_fused(self, gradients, params, norm_type=2):
     return total
 
 
+# the DeepSpeed releases whose DeepSpeedZeroOptimizer internals the two replacements above were checked
+# against (tests/test_overflow_check.py); under any other, DeepSpeed's own methods run
+FUSED_CHECKS_DEEPSPEED = ("0.19.",)
+
+
 def fuse_grad_checks(optimizer) -> bool:
     """Give a DeepSpeed ZeRO 1/2 optimizer the fused overflow check and clipping norm above (in place). False
     when `optimizer` is not one (ZeRO 0 uses our ClippedSkippingAdamW, whose clip_grad_norm_ is already one
-    multi-tensor norm; ZeRO 3 has its own optimizer class)."""
+    multi-tensor norm; ZeRO 3 has its own optimizer class) or DeepSpeed is not a release they were checked
+    against."""
+    import deepspeed
+
+    if not deepspeed.__version__.startswith(FUSED_CHECKS_DEEPSPEED):
+        return False
     needed = ("has_overflow_partitioned_grads_serial", "get_grad_norm_direct", "averaged_gradients", "bit16_groups",
               "dp_process_group", "model_parallel_rank", "_model_parallel_all_reduce")
     if not all(hasattr(optimizer, name) for name in needed):
