@@ -53,7 +53,7 @@ def test_skipped_steps_and_a_trailing_part_window(tmp_path, capsys):
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
     ("short", "share 10 logged steps from step 0, fewer than one window of 20"),
-    ("not json", "line 1 is not JSON"),
+    ("not json", "holds no metrics records"),
 ])
 def test_unusable_input_exits_2(tmp_path, capsys, case, message):
     a = write_run(tmp_path / "a", curve(steps=10))

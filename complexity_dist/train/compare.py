@@ -12,13 +12,13 @@ Exit status: 0 within noise, 1 not, 2 unusable input (missing file, fewer common
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from complexity_dist.config import ConfigError
+from complexity_dist.train.metrics import METRICS_FILE, read_metrics
 
 
 @dataclass
@@ -42,25 +42,20 @@ def read_losses(run: str | Path) -> dict[int, float]:
     """step -> loss from a run directory's metrics.jsonl (or that file itself), finite losses only."""
     path = Path(run)
     if path.is_dir():
-        path = path / "metrics.jsonl"
+        path = path / METRICS_FILE
     if not path.is_file():
-        raise ConfigError(f"{path} does not exist: pass a run directory (train.run_dir) or its metrics.jsonl")
-    losses = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} line {number} is not JSON ({e.msg}): is this a metrics.jsonl?") from None
-        loss = row.get("loss")
-        if isinstance(loss, (int, float)) and math.isfinite(loss) and not row.get("skipped"):
-            losses[int(row["step"])] = float(loss)
-    return losses
+        raise ConfigError(f"{path} does not exist: pass a run directory (train.run_dir) or its {METRICS_FILE}")
+    records = list(read_metrics(path))  # a line cut off by a crash is skipped, as everywhere
+    if not records:
+        raise ConfigError(f"{path} holds no metrics records (JSON objects with a step): is this a {METRICS_FILE}?")
+    return {r["step"]: float(r["loss"]) for r in records
+            if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"]) and not r.get("skipped")}
 
 
 def compare(a: dict[int, float], b: dict[int, float], window: int = 20, sigmas: float = 3.0,
-            from_step: int = 0) -> list[Window]:
-    """The windows of steps both runs logged (from `from_step` on); a trailing part shorter than a window
-    joins the last window."""
+            from_step: int = 0) -> tuple[list[int], list[Window]]:
+    """The steps both runs logged (from `from_step` on) and their windows; a trailing part shorter than a
+    window joins the last window."""
     if window < 2:
         raise ConfigError(f"--window {window} must be at least 2 steps")
     steps = sorted(s for s in a.keys() & b.keys() if s >= from_step)
@@ -75,13 +70,12 @@ def compare(a: dict[int, float], b: dict[int, float], window: int = 20, sigmas: 
         chunk = steps[start:] if i == len(cuts) - 1 else steps[start:start + window]
         out.append(Window(chunk[0], chunk[-1], statistics.fmean(a[s] for s in chunk),
                           statistics.fmean(b[s] for s in chunk), sigmas * noise / math.sqrt(len(chunk))))
-    return out
+    return steps, out
 
 
 def _compare_main(args: argparse.Namespace) -> int:
     a, b = read_losses(args.run_a), read_losses(args.run_b)
-    windows = compare(a, b, args.window, args.sigmas, args.from_step)
-    steps = sorted(s for s in a.keys() & b.keys() if s >= args.from_step)
+    steps, windows = compare(a, b, args.window, args.sigmas, args.from_step)
     worst = max(abs(b[s] - a[s]) / abs(a[s]) for s in steps)
     print(f"A {args.run_a}\nB {args.run_b}\n{len(steps)} common steps ({steps[0]}-{steps[-1]}), largest per-step "
           f"relative difference {worst:.2e}")
