@@ -45,7 +45,7 @@ def test_bench_reports_the_training_path_figures(tmp_path):
     assert idle.startswith("no device activity") and idle.strip() in proc.stdout  # CPU: no kernels to wait
 
 
-def test_device_idle_is_charged_to_the_outermost_open_operator():
+def test_device_idle_is_charged_to_the_outermost_and_the_innermost_open_operator():
     from complexity_dist.train.profiling import device_idle, idle_report
 
     def x(cat, name, ts, dur):
@@ -60,7 +60,12 @@ def test_device_idle_is_charged_to_the_outermost_open_operator():
     # gaps: 10-20 (middle 15: isfinite, which calls abs), 35-41 (middle 38: nothing open), 50-60
     assert (span, idle) == (65, 10 + 6 + 10)
     assert by_op == {"aten::isfinite": 10, "(no operator: Python between operators)": 16}
+    # innermost: abs (called by isfinite) at 15; a runtime call counts too
+    events.append(x("cuda_runtime", "cudaStreamSynchronize", 36, 4))
+    assert device_idle(events, innermost=True)[2] == {"aten::abs": 10, "cudaStreamSynchronize": 6,
+                                                      "(no operator: Python between operators)": 10}
     report = idle_report(events)
+    assert "aten::abs" in report[report.index("") + 2]
     assert report[0].startswith("device idle 0.0 ms of 0.1 ms (40.0%)") and "aten::isfinite" in report[2]
     assert device_idle([x("cpu_op", "aten::mm", 0, 5)]) == (0.0, 0.0, {})
 

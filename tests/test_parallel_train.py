@@ -8,7 +8,7 @@ Every launch writes its full weights (gathered from the shards by rank 0) at the
     ref0       1 process, ZeRO 1, router_base_margin 0 the reference with the mu override moving tokens
     tp2        TP2, ZeRO 1 (5 steps)                  parity; the uninterrupted twin of tp2_split
     tp2_split  TP2, ZeRO 1, preempted at 3, resumed   bit-exact resume under TP
-    tp2_sp     TP2 + sequence parallel, ZeRO 2        parity
+    tp2_sp     TP2 + sequence parallel, ZeRO 1, 4 micro-batches   parity
     ep2        EP2 (dp 2), ZeRO 1                     parity
     ep2_moved  EP2 (dp 2), ZeRO 2, margin 0           parity with tokens moved by the override; MLflow metric
     tp2ep2     4 processes: TP2 x EP2 (dp 2), ZeRO 1, preempted at 3 and resumed: parity, expert rows survive
@@ -53,7 +53,9 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     preempt = {"COMPLEXITY_DIST_PREEMPT_AT": "3"}
     assert launch(root, "tp2_split", dataset, "parallel.tp=2", env=preempt, check=False).returncode != 0
     launch(root, "tp2_split", dataset, "parallel.tp=2", dump="w_resumed")
-    launch(root, "tp2_sp", dataset, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2",
+    # ZeRO 1 and 4 micro-batches: the replicated parameters' partial gradients accumulate on each rank and are
+    # summed over tp once per step (deferred); ZeRO 2 (tp2ep2_sp, the compiled pair) sums them in backward
+    launch(root, "tp2_sp", dataset, "parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch=1",
            "train.steps=3")
     launch(root, "ep2", dataset, "parallel.ep=2", "train.steps=3")
     launch(root, "ep2_moved", dataset, "parallel.ep=2", "parallel.zero_stage=2", "model.router_base_margin=0",

@@ -109,8 +109,31 @@ def run_case(tp_group, mu_router, sequence_parallel, router_scale=1.0, checkpoin
     return sum(moved)
 
 
+def deferred_case(tp_group):
+    """Deferred partial sums (what ZeRO 0/1 engines use): two micro-batches accumulate unsummed on each rank,
+    one sum_accumulated() then gives one process's accumulated gradients."""
+    cfg = config(**{"model.mu_router": "straight_through"})
+    ref = randomized(ComplexityForCausalLM(cfg))
+    tp = apply_tensor_parallel(copy.deepcopy(ref), tp_group, sequence_parallel=True)
+    tp.tp_partial_grads.defer()
+    ids, targets = batch()
+    for model in (ref, tp):
+        for row in range(2):
+            model(ids[row:row + 1], targets=targets[row:row + 1]).loss.backward()
+    partial = [name for name, p in tp.named_parameters() if getattr(p, "tp_partial_grad", False)]
+    assert len(partial) > 10 * cfg.num_hidden_layers  # with SP, every replicated parameter
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    unsummed = full_grads(tp)
+    assert all(not torch.allclose(unsummed[n], ref_grads[n]) for n in partial if ref_grads[n].abs().sum() > 0)
+    tp.tp_partial_grads.sum_accumulated()
+    grads = full_grads(tp)
+    for name, g_ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], g_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"deferred {name}: {m}")
+
+
 def check(rank):
     group = dist.new_group([0, 1])
+    deferred_case(group)
     # fp32 as training runs (within 1e-5); the random weights already move tokens with the mu override
     assert run_case(group, "hard", False) > 0
     run_case(group, "straight_through", False)
@@ -141,3 +164,54 @@ def test_check_names_each_number():
     assert "parallel.tp=3 does not divide model.num_attention_heads=4" in msg
     assert "model.num_key_value_heads=2" in msg
     assert "data.seq_len=16" in msg
+
+
+class _FakeSum:
+    """Stands for PartialGradSum in the engine test: records when the step's sum runs."""
+
+    def __init__(self, calls):
+        self.params, self.deferred, self.calls = [object()], False, calls
+
+    def defer(self):
+        self.deferred = True
+
+    def sum_accumulated(self):
+        self.calls.append("tp sum")
+
+
+class _FakeEngine:
+    """The DeepSpeed engine methods defer_tp_partial_grads relies on, and its reduction that records the order."""
+
+    def __init__(self, calls, partitions_gradients=False, optimizer=None):
+        self.calls, self.boundary, self.partitions, self.optimizer = calls, False, partitions_gradients, optimizer
+
+    def zero_optimization_partition_gradients(self):
+        return self.partitions
+
+    def is_gradient_accumulation_boundary(self):
+        return self.boundary
+
+    def allreduce_gradients(self, bucket_size=0):
+        self.calls.append("dp reduce" if self.boundary else "no reduce")
+
+
+def test_partial_sums_deferred_only_where_the_engine_reduces_at_the_boundary():
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    from complexity_dist.parallel.deepspeed_engine import defer_tp_partial_grads
+
+    calls = []
+    model = torch.nn.Module()
+    model.tp_partial_grads = _FakeSum(calls)
+    engine = _FakeEngine(calls)  # ZeRO 0/1: DeepSpeed reduces at the accumulation boundary only
+    assert defer_tp_partial_grads(engine, model) and model.tp_partial_grads.deferred
+    engine.allreduce_gradients()  # a micro-batch inside the accumulation: nothing summed yet
+    engine.boundary = True
+    engine.allreduce_gradients()  # the last one: the TP sum comes first, then the data-parallel reduction
+    assert calls == ["no reduce", "tp sum", "dp reduce"]
+    # ZeRO 2/3 reduce inside backward, and DeepSpeed's bf16 optimizer copies gradients out in backward: the
+    # per-parameter hooks must keep summing there
+    for engine in (_FakeEngine([], partitions_gradients=True), _FakeEngine([], optimizer=object.__new__(BF16_Optimizer))):
+        model.tp_partial_grads = _FakeSum([])
+        assert not defer_tp_partial_grads(engine, model) and not model.tp_partial_grads.deferred
+    assert not defer_tp_partial_grads(_FakeEngine([]), torch.nn.Module())  # no tensor parallelism

@@ -168,7 +168,33 @@ def build_engine(model: nn.Module, cfg: Config, layout: Layout, bf16: bool, mpu=
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                            config=deepspeed_config(cfg, layout, bf16), dist_init_required=False)
     fuse_grad_checks(engine.optimizer)
+    defer_tp_partial_grads(engine, model)
     return engine
+
+
+def defer_tp_partial_grads(engine, model: nn.Module) -> bool:
+    """With tensor parallelism, sum the TP-partial gradients (complexity_dist/parallel/tensor_parallel.py
+    PartialGradSum) once per optimizer step, first thing in the engine's gradient reduction at the accumulation
+    boundary, instead of per parameter and micro-batch in backward. Only where nothing reads a gradient before
+    that point: ZeRO 0/1 without DeepSpeed's bf16 optimizer (which copies gradients into its own fp32 buffers
+    in backward) and outside the pipeline engine (whose reduction takes another path). Elsewhere the hooks
+    keep summing in backward. Returns whether it deferred."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    partial = getattr(model, "tp_partial_grads", None)
+    if partial is None or not partial.params or isinstance(engine, PipelineEngine) \
+            or engine.zero_optimization_partition_gradients() or isinstance(engine.optimizer, BF16_Optimizer):
+        return False
+    reduce = engine.allreduce_gradients
+
+    def allreduce_gradients(*args, **kwargs):
+        if engine.is_gradient_accumulation_boundary():
+            partial.sum_accumulated()
+        return reduce(*args, **kwargs)
+    engine.allreduce_gradients = allreduce_gradients
+    partial.defer()
+    return True
 
 
 def global_grad_norm(engine) -> float:

@@ -31,9 +31,10 @@ The plan (tp = size of the group, r = this rank):
 Replicated parameters (norms, dynamics, mu, mu_router): without SP every rank computes them on the same full
 tensors, so their gradients come out identical on every TP rank with no communication — except q_norm and
 k_norm, which are shared by all heads and see only this rank's heads: their gradient is partial. With SP every
-replicated parameter sees only this rank's tokens. Partial gradients are summed over the TP group by a hook on
-the parameter (it runs in backward, before any optimizer or ZeRO hook sees the gradient); such parameters are
-marked `tp_partial_grad = True`. A data-parallel engine must count every TP-replicated parameter once when it
+replicated parameter sees only this rank's tokens. Such parameters are marked `tp_partial_grad = True` and their
+gradients are summed over the TP group by `model.tp_partial_grads` (PartialGradSum): by a hook on each parameter,
+in backward, before any optimizer or ZeRO hook sees the gradient, or, once an engine that reduces only at the
+accumulation boundary has deferred it, once per step as one flat all-reduce. A data-parallel engine must count every TP-replicated parameter once when it
 computes a gradient norm (parameters with `tp_shard` set are sharded, the others replicated).
 
 Sequence parallel splits the sequence (dim 1) over the TP ranks between the TP regions; data.seq_len must be
@@ -202,19 +203,59 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gr
     return per_token.sum() / valid.sum()
 
 
-def _sum_grad_over(group):
-    def hook(grad: torch.Tensor) -> torch.Tensor:
+class PartialGradSum:
+    """Sums the TP-partial gradients (`tp_partial_grad` parameters) over the TP group, in one of two modes.
+
+    immediate (the default): a hook on each parameter all-reduces its gradient in backward, every micro-batch,
+        before the gradient is accumulated. What a plain backward (tests) and ZeRO 2/3 need: their reduction
+        hooks take each gradient as it is produced.
+    deferred (`defer()`): the hooks pass gradients through, so each rank accumulates its own partial sums over
+        the micro-batches, and `sum_accumulated()` all-reduces them once per optimizer step, as one flat
+        buffer. A sum commutes with the accumulation, so the result is the same; the cost is one collective per
+        step instead of one per parameter, layer and micro-batch (with sequence parallel, every replicated
+        parameter: 11 per layer). For engines that reduce only at the accumulation boundary (ZeRO 0/1): see
+        complexity_dist/parallel/deepspeed_engine.py, which calls it first thing in that reduction."""
+
+    def __init__(self, group):
+        self.group = group
+        self.params: list[nn.Parameter] = []
+        self.deferred = False
+
+    def add(self, param: nn.Parameter) -> None:
+        if getattr(param, "tp_partial_grad", False):
+            return
+        param.tp_partial_grad = True
+        self.params.append(param)
+        param.register_hook(self._hook)
+
+    def _hook(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.deferred:
+            return grad
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=group)
+        dist.all_reduce(grad, group=self.group)
         return grad
-    return hook
 
+    def defer(self) -> None:
+        self.deferred = True
 
-def _mark_partial(param: nn.Parameter, group) -> None:
-    if getattr(param, "tp_partial_grad", False):
-        return
-    param.tp_partial_grad = True
-    param.register_hook(_sum_grad_over(group))
+    def sum_accumulated(self) -> None:
+        """All-reduce the accumulated .grad of every partial parameter in place (deferred mode). Collective over
+        the TP group; a rank whose parameter has no gradient contributes zeros, so the ranks never disagree
+        on the buffer's layout."""
+        if not self.deferred or not self.params:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for same in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in same])
+            dist.all_reduce(flat, group=self.group)
+            for g, summed in zip(same, flat.split([g.numel() for g in same])):
+                g.copy_(summed.view_as(g))
 
 
 BACKENDS = ("torch", "megatron")
@@ -312,6 +353,7 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
         return model
     megatron = _MegatronLinears(tp_group, model.lm_head.weight.dtype) if backend == "megatron" else None
     g = tp_group
+    partial = PartialGradSum(g)
     enter = functools.partial(gather_to_full, group=g, dim=1) if sequence_parallel else \
         functools.partial(copy_to, group=g)
     leave = functools.partial(reduce_scatter_to, group=g, dim=1) if sequence_parallel else \
@@ -359,8 +401,8 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
             attn.register_forward_pre_hook(attn_inputs)
             attn.o_proj.register_forward_hook(lambda mod, args, out: leave(out))
         # shared by every head, applied to this rank's heads only
-        _mark_partial(attn.q_norm.weight, g)
-        _mark_partial(attn.k_norm.weight, g)
+        partial.add(attn.q_norm.weight)
+        partial.add(attn.k_norm.weight)
 
         mlp = layer.mlp
         mlp.gate_up_proj = _shard(mlp.gate_up_proj, tp, r, ShardSpec(2, halves=True))
@@ -374,12 +416,13 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
     if sequence_parallel:
         for p in model.parameters():
             if not hasattr(p, "tp_shard"):
-                _mark_partial(p, g)
+                partial.add(p)
     for name, p in model.named_parameters():
         if getattr(p, "tp_shard", None) != shard_spec_of(name):
             raise AssertionError(f"apply_tensor_parallel: {name} sharded as {getattr(p, 'tp_shard', None)}, "
                                  f"shard_spec_of says {shard_spec_of(name)}: update _SHARD_TABLE")
     model.tp_group, model.sequence_parallel, model.linear_backend = g, sequence_parallel, backend
+    model.tp_partial_grads = partial
     return model
 
 

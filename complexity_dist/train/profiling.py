@@ -37,12 +37,18 @@ def kernel_kind(name: str) -> str:
 _DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def device_idle(events: list[dict]) -> tuple[float, float, dict[str, float]]:
+_HOST_EVENTS = ("cpu_op", "cuda_runtime", "cuda_driver")
+_NO_OPERATOR = "(no operator: Python between operators)"
+
+
+def device_idle(events: list[dict], innermost: bool = False) -> tuple[float, float, dict[str, float]]:
     """From a Chrome trace's events: (span of device activity, time the device ran nothing, that idle time by
-    the CPU operator running at the middle of each gap), all in microseconds. A gap is charged to the outermost
-    operator then open (the earliest-started one: aten::isfinite rather than the aten::ne it calls): the call
-    the device was waiting on. Gaps with no operator open are Python (or the profiler) between operators.
-    Empty results without device events."""
+    the host call running at the middle of each gap), all in microseconds. By default a gap is charged to the
+    outermost operator then open (the earliest-started one: aten::isfinite rather than the aten::ne it calls):
+    the call the device was waiting on. `innermost`: to the latest-started operator or CUDA runtime call
+    (cudaLaunchKernel, cudaStreamSynchronize, ...) open then, on any thread: what the host was doing while the
+    device starved. Gaps with no operator open are Python (or the profiler) between operators. Empty results
+    without device events."""
     device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                     if e.get("ph") == "X" and e.get("cat") in _DEVICE_EVENTS)
     if not device:
@@ -52,19 +58,21 @@ def device_idle(events: list[dict]) -> tuple[float, float, dict[str, float]]:
         if start > busy_until:
             gaps.append((busy_until, start))
         busy_until = max(busy_until, end)
+    host = ("cpu_op",) if not innermost else _HOST_EVENTS
     ops = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
-                 if e.get("ph") == "X" and e.get("cat") == "cpu_op")
+                 if e.get("ph") == "X" and e.get("cat") in host)
+    sign = -1 if innermost else 1  # heap order: earliest start first (outermost) or latest first (innermost)
     by_op: dict[str, float] = {}
-    open_ops: list[tuple[float, float, str]] = []  # min-heap by start: (start, end, name)
+    open_ops: list[tuple[float, float, str]] = []  # heap by sign * start: (sign * start, end, name)
     i = 0
     for a, b in gaps:  # in time order, so an operator closed before one gap is closed for every later one
         mid = (a + b) / 2
         while i < len(ops) and ops[i][0] <= mid:
-            heapq.heappush(open_ops, ops[i])
+            heapq.heappush(open_ops, (sign * ops[i][0], ops[i][1], ops[i][2]))
             i += 1
-        while open_ops and open_ops[0][1] < mid:  # the earliest-started is closed: the next one may be open
+        while open_ops and open_ops[0][1] < mid:  # the top is closed: the next one may be open
             heapq.heappop(open_ops)
-        name = open_ops[0][2] if open_ops else "(no operator: Python between operators)"
+        name = open_ops[0][2] if open_ops else _NO_OPERATOR
         by_op[name] = by_op.get(name, 0.0) + (b - a)
     return device[-1][1] - device[0][0], sum(b - a for a, b in gaps), by_op
 
@@ -76,9 +84,11 @@ def idle_report(events: list[dict], top: int = 15) -> list[str]:
     lines = [f"device idle {idle / 1e3:.1f} ms of {span / 1e3:.1f} ms ({idle / span:.1%}), by the outermost CPU "
              f"operator open meanwhile:"]
     lines += [f"{t / 1e3:>10.1f} ms  {name[:120]}" for name, t in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
+    inner = device_idle(events, innermost=True)[2]
+    lines += ["", "the same idle time by the innermost operator or CUDA runtime call open meanwhile (what the host "
+                  "was doing):"]
+    lines += [f"{t / 1e3:>10.1f} ms  {name[:120]}" for name, t in sorted(inner.items(), key=lambda kv: -kv[1])[:top]]
     return lines
-
-
 
 
 def write_reports(prof, out: Path, steps: int, cuda: bool) -> list[str]:
