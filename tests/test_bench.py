@@ -74,3 +74,19 @@ def test_bench_baseline_needs_a_gpu_and_says_so():
     proc = bench("--steps", "1", "--warmup", "0", "--baseline")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "--baseline needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_device_annotations_are_not_counted_as_kernels():
+    from types import SimpleNamespace
+
+    from complexity_dist.train.profiling import _annotation
+
+    def event(key, user=False):
+        return SimpleNamespace(key=key, is_user_annotation=user)
+
+    # c10d's and record_function's device-side ranges span kernels that are counted on their own
+    assert _annotation(event("nccl:all_gather_into_tensor_coalesced"))
+    assert _annotation(event("Optimizer.step#AdamW.step"))
+    assert _annotation(event("my_range", user=True))
+    assert not _annotation(event("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)"))
+    assert not _annotation(event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT"))

@@ -91,6 +91,11 @@ def idle_report(events: list[dict], top: int = 15) -> list[str]:
     return lines
 
 
+def _annotation(event) -> bool:
+    """A device-side range of a host annotation rather than a kernel."""
+    return getattr(event, "is_user_annotation", False) or "#" in event.key or event.key.startswith("nccl:")
+
+
 def write_reports(prof, out: Path, steps: int, cuda: bool) -> list[str]:
     """Write the reports of a finished torch.profiler run under `out`; returns the kinds table and the head of
     the idle report (what `bench --profile` prints)."""
@@ -98,9 +103,10 @@ def write_reports(prof, out: Path, steps: int, cuda: bool) -> list[str]:
     prof.export_chrome_trace(str(out / "trace.json.gz"))  # gzip: a 1.5b step is ~100 MB of JSON
     events = prof.key_averages()
     if cuda:  # kernels only: device time of operators would count their kernels twice, and so would the
-        # device-side ranges of record_function annotations ("Optimizer.step#AdamW.step"; no kernel has a '#')
+        # device-side ranges of annotations: record_function's ("Optimizer.step#AdamW.step"; no kernel has a
+        # '#') and c10d's around each collective ("nccl:all_gather_into_tensor_coalesced")
         rows = [(e.key, e.self_device_time_total, e.count) for e in events if e.self_device_time_total > 0
-                and e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.key]
+                and e.device_type == torch.autograd.DeviceType.CUDA and not _annotation(e)]
     else:
         rows = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
     total = sum(t for _, t, _ in rows) or 1
