@@ -47,7 +47,8 @@ def batch():
     return ids, targets
 
 
-def run_case(tp_group, mu_router, sequence_parallel, router_scale=1.0, checkpointing="none", dtype=torch.float32):
+def run_case(tp_group, mu_router, sequence_parallel, router_scale=1.0, checkpointing="none", dtype=torch.float32,
+             comm_overlap=True):
     torch.manual_seed(0)
     cfg = config(**{"model.mu_router": mu_router})
     ref = randomized(ComplexityForCausalLM(cfg).to(dtype), router_scale=router_scale)
@@ -68,7 +69,10 @@ def run_case(tp_group, mu_router, sequence_parallel, router_scale=1.0, checkpoin
         for layer in model.model.layers:
             layer.mlp.compute_experts = recording(layer.mlp.compute_experts, key)
     # TP wraps the recorder as it wraps expert parallel's compute (complexity_dist/parallel/parallelize.py)
-    tp = apply_tensor_parallel(tp, tp_group, sequence_parallel=sequence_parallel)
+    tp = apply_tensor_parallel(tp, tp_group, sequence_parallel=sequence_parallel, comm_overlap=comm_overlap)
+    # the overlapped projections replace the attention's projection seam; the hooks leave it alone
+    assert all(("project_qkv" in vars(layer.self_attn)) == (sequence_parallel and comm_overlap)
+               for layer in tp.model.layers)
     ref.model.activation_checkpointing = tp.model.activation_checkpointing = checkpointing
     out_ref, out_tp = ref(ids, targets=targets), tp(ids, targets=targets)
     # the compute inside TP (with SP too) gets one process's tokens in one process's order: expert parallel's
@@ -79,7 +83,7 @@ def run_case(tp_group, mu_router, sequence_parallel, router_scale=1.0, checkpoin
         torch.testing.assert_close(x_tp, x_ref, **tol)
     out_ref.loss.backward()
     out_tp.loss.backward()
-    what = f"{mu_router=} {sequence_parallel=} {router_scale=} {checkpointing=} {dtype=}"
+    what = f"{mu_router=} {sequence_parallel=} {router_scale=} {checkpointing=} {dtype=} {comm_overlap=}"
 
     torch.testing.assert_close(out_tp.loss, out_ref.loss, **tol, msg=lambda m: f"{what} loss: {m}")
     assert out_tp.logits.shape[-1] == VOCAB // 2  # this rank's vocabulary slice only
@@ -137,11 +141,13 @@ def check(rank):
     # fp32 as training runs (within 1e-5); the random weights already move tokens with the mu override
     assert run_case(group, "hard", False) > 0
     run_case(group, "straight_through", False)
-    run_case(group, "hard", True)
+    run_case(group, "hard", True)  # SP: the attention's collectives overlap its GEMMs (tp_comm_overlap)
+    run_case(group, "hard", True, comm_overlap=False)  # SP through the hooks
     run_case(group, "straight_through", True, checkpointing="selective")
     # fp64 at 1e-10, so no small error can hide in fp32 rounding; large router weights move more tokens
-    for sp in (False, True):
-        assert run_case(group, "straight_through", sp, router_scale=30.0, dtype=torch.float64) > 40
+    for sp, overlap in ((False, False), (True, True), (True, False)):
+        assert run_case(group, "straight_through", sp, router_scale=30.0, dtype=torch.float64,
+                        comm_overlap=overlap) > 40
 
     # a tp that does not divide the heads is refused before anything is sharded
     bad = ComplexityForCausalLM(config(**{"model.hidden_size": 48, "model.num_attention_heads": 6,

@@ -56,9 +56,10 @@ class MuGuidedAttention(nn.Module):
 
     def forward(self, n: torch.Tensor, mu_prev: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 cache: "LayerKVCache | None" = None) -> torch.Tensor:
-        B, S, _ = n.shape
         d = self.head_dim
         q, k, v = self.project_qkv(n, mu_prev if self.has_mu else None)
+        # sizes from the projection: under sequence parallel it may gather the sequence itself
+        B, S = q.shape[0], q.shape[1]
         # local head counts come from the outputs, so a tensor-parallel shard runs the same code
         nq, nkv = q.shape[-1] // d, k.shape[-1] // d
         q = self.q_norm(q.view(B, S, nq, d)).transpose(1, 2)

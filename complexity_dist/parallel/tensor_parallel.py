@@ -77,6 +77,7 @@ from complexity_dist.config import ConfigError, ModelConfig
 from complexity_dist.model.layers import compute_dtype
 from complexity_dist.parallel.comm import all_gather_cat, copy_to, gather_to_full, group_rank, group_size, reduce_from, \
     reduce_scatter_to
+from complexity_dist.parallel.overlap import gathered_linear, scattered_linear
 
 
 @dataclass(frozen=True)
@@ -337,9 +338,11 @@ def _megatron_classes(layers):
 
 
 def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = False,
-                          backend: str = "torch") -> nn.Module:
+                          backend: str = "torch", comm_overlap: bool = False) -> nn.Module:
     """Shard `model` (a ComplexityForCausalLM) in place over `tp_group` and return it. `backend` is
-    model.linear_backend ("torch" or "megatron"). See the module doc."""
+    model.linear_backend ("torch" or "megatron"). `comm_overlap` (parallel.tp_comm_overlap; sequence parallel
+    with the torch backend only): the attention's projections gather and scatter by chunks that overlap their
+    GEMMs (complexity_dist/parallel/overlap.py) instead of through the hooks. See the module doc."""
     if getattr(model, "tp_group", None) is not None:
         raise ValueError("apply_tensor_parallel: this model is already tensor-parallel")
     if backend not in BACKENDS:
@@ -352,6 +355,7 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
     if tp == 1:
         return model
     megatron = _MegatronLinears(tp_group, model.lm_head.weight.dtype) if backend == "megatron" else None
+    overlap = comm_overlap and sequence_parallel and backend == "torch"
     g = tp_group
     partial = PartialGradSum(g)
     enter = functools.partial(gather_to_full, group=g, dim=1) if sequence_parallel else \
@@ -390,16 +394,12 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
         else:
             attn.o_proj.weight = _shard(attn.o_proj.weight, tp, r, ShardSpec(1))
             attn.o_proj.in_features = attn.o_proj.weight.shape[1]
-
-            def attn_inputs(mod, args):
-                n, mu_prev, *rest = args
-                if mu_prev is None:
-                    return (enter(n), None, *rest)
-                # both inputs of the stacked projection through one collective (SP: one all-gather forward,
-                # one reduce-scatter backward; without SP one backward all-reduce instead of two)
-                return (*enter(torch.cat([n, mu_prev], dim=-1)).chunk(2, dim=-1), *rest)
-            attn.register_forward_pre_hook(attn_inputs)
-            attn.o_proj.register_forward_hook(lambda mod, args, out: leave(out))
+            if overlap:  # the collectives are inside the projections, by chunks that overlap their GEMMs
+                attn.o_proj.forward = functools.partial(_scattered_o_proj, attn.o_proj, g)
+                attn.project_qkv = functools.partial(_gathered_qkv, attn, g)
+            else:
+                attn.register_forward_pre_hook(_attention_inputs(enter))
+                attn.o_proj.register_forward_hook(lambda mod, args, out: leave(out))
         # shared by every head, applied to this rank's heads only
         partial.add(attn.q_norm.weight)
         partial.add(attn.k_norm.weight)
@@ -424,6 +424,31 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
     model.tp_group, model.sequence_parallel, model.linear_backend = g, sequence_parallel, backend
     model.tp_partial_grads = partial
     return model
+
+
+def _attention_inputs(enter):
+    def hook(mod, args):
+        n, mu_prev, *rest = args
+        if mu_prev is None:
+            return (enter(n), None, *rest)
+        # both inputs of the stacked projection through one collective (SP: one all-gather forward, one
+        # reduce-scatter backward; without SP one backward all-reduce instead of two)
+        return (*enter(torch.cat([n, mu_prev], dim=-1)).chunk(2, dim=-1), *rest)
+    return hook
+
+
+def _gathered_qkv(attn, group, n: torch.Tensor, mu_prev: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """project_qkv under SP with overlap: n and mu_prev are this rank's [B, S/tp, H] slices; the stacked
+    projection gathers the sequence by chunks (one all-gather of [n, mu_prev], overlapped) and returns this
+    rank's heads over the whole sequence."""
+    inp = n if mu_prev is None else torch.cat([n, mu_prev], dim=-1)
+    return attn.split_qkv(gathered_linear(inp, attn.qkv_weight(), group))
+
+
+def _scattered_o_proj(o_proj: nn.Linear, group, x: torch.Tensor) -> torch.Tensor:
+    """o_proj under SP with overlap: this rank's heads over the whole sequence in, this rank's sequence slice
+    of the sum over ranks out."""
+    return scattered_linear(x, o_proj.weight, group)
 
 
 def _tp_experts(mlp, group, sequence_parallel: bool):
