@@ -106,8 +106,9 @@ class ParallelConfig:
     ep: int = 1
     sequence_parallel: bool = False
     # with sequence parallel and model.linear_backend=torch: the attention's all-gather and reduce-scatter go
-    # by chunks that overlap the projections' GEMMs (complexity_dist/parallel/overlap.py)
-    tp_comm_overlap: bool = True
+    # by chunks that overlap the projections' GEMMs (complexity_dist/parallel/overlap.py). Off until its speed
+    # is measured on GPUs (correct on CPU, eager and compiled)
+    tp_comm_overlap: bool = False
     zero_stage: int = 0
     # ZeRO 3 keeps a parameter of at most this many elements whole on every rank (DeepSpeed's
     # stage3_param_persistence_threshold, same default); 0 partitions every parameter

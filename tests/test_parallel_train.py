@@ -13,7 +13,8 @@ Every launch writes its full weights (gathered from the shards by rank 0) at the
     ep2_moved  EP2 (dp 2), ZeRO 2, margin 0           parity with tokens moved by the override; MLflow metric
     tp2ep2     4 processes: TP2 x EP2 (dp 2), ZeRO 1, preempted at 3 and resumed: parity, expert rows survive
     tp2ep2_sp  4 processes: TP2 x EP2 + sequence parallel, ZeRO 2, margin 0   parity with ref0 (tokens moved)
-    ref_hard_compiled / tp2_sp_hard_compiled   1 process / TP2 + SP, compiled layers, hard routing, ZeRO 2
+    ref_hard_compiled / tp2_sp_hard_compiled   1 process / TP2 + SP with the overlapped attention projections,
+                                               compiled layers, hard routing, ZeRO 2
 
 All runs but the *_hard_compiled pair: mu_router straight_through (so the router trains too) and weight decay 0, so a parameter that moved
 got a gradient (Adam moves nothing with zero gradients and zero moments).
@@ -71,7 +72,9 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     # DeepSpeed's ZeRO 2 hooks and SP's reduction of replicated gradients need (None crashed them when compiled)
     hard = ["model.mu_router=hard", "train.compile=true", "parallel.zero_stage=2", "train.steps=3"]
     launch(root, "ref_hard_compiled", dataset, *hard, nproc=1)
-    launch(root, "tp2_sp_hard_compiled", dataset, *hard, "parallel.tp=2", "parallel.sequence_parallel=true")
+    # with the overlapped attention projections (complexity_dist/parallel/overlap.py) compiled
+    launch(root, "tp2_sp_hard_compiled", dataset, *hard, "parallel.tp=2", "parallel.sequence_parallel=true",
+           "parallel.tp_comm_overlap=true")
     return root
 
 

@@ -135,9 +135,32 @@ def deferred_case(tp_group):
         torch.testing.assert_close(grads[name], g_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"deferred {name}: {m}")
 
 
+def compiled_layers_share_graphs(tp_group):
+    """Compiled TP + SP with the overlapped projections: every layer after the first runs the same graph (layer 0
+    has no mu input). A per-layer object in the traced code (a functools.partial seam did this) made one graph
+    per layer, which on a 24-layer model ran past dynamo's recompile limit."""
+    from torch._dynamo.utils import counters
+
+    cfg = config(**{"model.num_hidden_layers": 3})
+    torch.manual_seed(0)
+    ref = ComplexityForCausalLM(cfg)
+    tp, eager = (apply_tensor_parallel(copy.deepcopy(ref), tp_group, sequence_parallel=True, comm_overlap=True)
+                 for _ in range(2))
+    tp.compile_layers()
+    torch._dynamo.reset()
+    counters.clear()
+    ids, targets = batch()
+    for _ in range(2):
+        loss = tp(ids, targets=targets).loss
+        loss.backward()
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch.testing.assert_close(loss, eager(ids, targets=targets).loss, rtol=1e-5, atol=1e-5)
+
+
 def check(rank):
     group = dist.new_group([0, 1])
     deferred_case(group)
+    compiled_layers_share_graphs(group)
     # fp32 as training runs (within 1e-5); the random weights already move tokens with the mu override
     assert run_case(group, "hard", False) > 0
     run_case(group, "straight_through", False)

@@ -395,8 +395,8 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
             attn.o_proj.weight = _shard(attn.o_proj.weight, tp, r, ShardSpec(1))
             attn.o_proj.in_features = attn.o_proj.weight.shape[1]
             if overlap:  # the collectives are inside the projections, by chunks that overlap their GEMMs
-                attn.o_proj.forward = functools.partial(_scattered_o_proj, attn.o_proj, g)
-                attn.project_qkv = functools.partial(_gathered_qkv, attn, g)
+                attn.o_proj.forward = _scattered_o_proj(attn.o_proj, g)
+                attn.project_qkv = _gathered_qkv(attn, g)
             else:
                 attn.register_forward_pre_hook(_attention_inputs(enter))
                 attn.o_proj.register_forward_hook(lambda mod, args, out: leave(out))
@@ -437,18 +437,26 @@ def _attention_inputs(enter):
     return hook
 
 
-def _gathered_qkv(attn, group, n: torch.Tensor, mu_prev: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+# The two seams below are closures, not functools.partial objects: dynamo guards a partial by identity, and one
+# per layer made every compiled layer a graph of its own (recompiling past the recompile limit); a closure is
+# guarded by its code, which all layers share (tests/test_tensor_parallel.py counts the graphs).
+
+def _gathered_qkv(attn, group):
     """project_qkv under SP with overlap: n and mu_prev are this rank's [B, S/tp, H] slices; the stacked
     projection gathers the sequence by chunks (one all-gather of [n, mu_prev], overlapped) and returns this
     rank's heads over the whole sequence."""
-    inp = n if mu_prev is None else torch.cat([n, mu_prev], dim=-1)
-    return attn.split_qkv(gathered_linear(inp, attn.qkv_weight(), group))
+    def project_qkv(n: torch.Tensor, mu_prev: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        inp = n if mu_prev is None else torch.cat([n, mu_prev], dim=-1)
+        return attn.split_qkv(gathered_linear(inp, attn.qkv_weight(), group))
+    return project_qkv
 
 
-def _scattered_o_proj(o_proj: nn.Linear, group, x: torch.Tensor) -> torch.Tensor:
-    """o_proj under SP with overlap: this rank's heads over the whole sequence in, this rank's sequence slice
-    of the sum over ranks out."""
-    return scattered_linear(x, o_proj.weight, group)
+def _scattered_o_proj(o_proj: nn.Linear, group):
+    """o_proj's forward under SP with overlap: this rank's heads over the whole sequence in, this rank's
+    sequence slice of the sum over ranks out."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return scattered_linear(x, o_proj.weight, group)
+    return forward
 
 
 def _tp_experts(mlp, group, sequence_parallel: bool):
