@@ -33,6 +33,9 @@ LAYOUTS = {
     "dp2_zero3": ["parallel.zero_stage=3"],
     "tp2": ["parallel.tp=2"],
     "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"],
+    # ZeRO 1 (partial gradients summed once per step) and the overlapped attention projections on NCCL
+    "tp2_sp_overlap": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.tp_comm_overlap=true",
+                       "parallel.zero_stage=1"],
     "tp2_megatron": ["parallel.tp=2", "model.linear_backend=megatron"],
     "tp2_te": ["parallel.tp=2", "model.linear_backend=te"],
     "tp2_sp_te": ["parallel.tp=2", "parallel.sequence_parallel=true", "model.linear_backend=te"],
