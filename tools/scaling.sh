@@ -28,19 +28,18 @@ for layout in "${layouts[@]}"; do
   launch "$name" "$n" "$@" $([[ $layout == dp ]] || echo "$layout") && names+=("$name")
 done
 python - "$out" "$n" "${names[@]}" <<'PY'
-import json, statistics, sys
+import sys
+from complexity_dist.train.metrics import steady_throughput
 out, n, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 base = None
 for name in names:
-    rows = [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
-    last = rows[len(rows) // 3:]  # past compilation and warm-up
-    tps = statistics.median((b["tokens"] - a["tokens"]) / b["step_time_s"] for a, b in zip(last, last[1:]))
-    # a row's mfu is of the trainer's smoothed rate (its window still holds the compile step): rescale it
-    mfu = rows[-1]["mfu"] / rows[-1]["tokens_per_s"] * tps if rows[-1].get("mfu") else float("nan")
+    t = steady_throughput(f"{out}/{name}/metrics.jsonl")
     gpus = 1 if name == "gpu1" else n
-    base = base or tps
-    eff = "" if gpus == 1 else f", scaling {tps / (n * base):.1%} of {n} x one GPU"
-    print(f"{name}: {tps:,.0f} tokens/s ({tps / gpus:,.0f} per GPU), MFU {mfu:.1%}, steps "
-          f"{last[0]['step']}-{rows[-1]['step']}, final loss {rows[-1]['loss']:.5f}, peak "
-          f"{rows[-1].get('peak_mem_gib', float('nan')):.1f} GiB{eff}")
+    base = base or t.tokens_per_s
+    eff = "" if gpus == 1 else f", scaling {t.tokens_per_s / (n * base):.1%} of {n} x one GPU"
+    mfu = f"{t.mfu:.1%}" if t.mfu is not None else "n/a"
+    print(f"{name}: {t.tokens_per_s:,.0f} tokens/s ({t.tokens_per_s / gpus:,.0f} per GPU), MFU {mfu}, steps "
+          f"{t.first_step}-{t.last_step}, final loss {t.final_loss or float('nan'):.5f}, "
+          f"peak {t.peak_mem_gib or float('nan'):.1f} "
+          f"GiB{eff}")
 PY

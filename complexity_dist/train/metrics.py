@@ -10,6 +10,7 @@ import collections
 import json
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,32 @@ def read_metrics(path: str | Path) -> Iterator[dict]:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int):
                 yield record
+
+
+@dataclass
+class SteadyThroughput:
+    """A run's speed once compiled and warm (tools/scaling.sh's figures)."""
+    tokens_per_s: float      # median over consecutive steps of the last two thirds
+    mfu: float | None        # at that rate
+    first_step: int          # the steps measured: first_step .. last_step
+    last_step: int
+    final_loss: float | None
+    peak_mem_gib: float | None
+
+
+def steady_throughput(path: str | Path) -> SteadyThroughput:
+    """From a run's metrics.jsonl: the median of tokens / step_time_s between consecutive records of the last
+    two thirds (the first third holds compilation and warm-up). A record's own `mfu` is of the trainer's
+    smoothed rate, whose window may still hold the compile step, so it is rescaled to the median rate.
+    ValueError when fewer than 3 steps were logged."""
+    rows = list(read_metrics(path))
+    if len(rows) < 3:
+        raise ValueError(f"{path}: {len(rows)} steps logged, at least 3 needed for a steady rate")
+    last = rows[len(rows) // 3:]
+    rate = statistics.median((b["tokens"] - a["tokens"]) / b["step_time_s"] for a, b in zip(last, last[1:]))
+    end = rows[-1]
+    mfu = end["mfu"] / end["tokens_per_s"] * rate if end.get("mfu") and end.get("tokens_per_s") else None
+    return SteadyThroughput(rate, mfu, last[0]["step"], end["step"], end.get("loss"), end.get("peak_mem_gib"))
 
 
 class MetricsLog:
