@@ -240,7 +240,8 @@ def test_partial_sums_deferred_only_where_the_engine_reduces_at_the_boundary():
     assert calls == ["no reduce", "tp sum", "dp reduce"]
     # ZeRO 2/3 reduce inside backward, and DeepSpeed's bf16 optimizer copies gradients out in backward: the
     # per-parameter hooks must keep summing there
-    for engine in (_FakeEngine([], partitions_gradients=True), _FakeEngine([], optimizer=object.__new__(BF16_Optimizer))):
+    for engine in (_FakeEngine([], partitions_gradients=True),
+                   _FakeEngine([], optimizer=object.__new__(BF16_Optimizer))):
         model.tp_partial_grads = _FakeSum([])
         assert not defer_tp_partial_grads(engine, model) and not model.tp_partial_grads.deferred
     assert not defer_tp_partial_grads(_FakeEngine([]), torch.nn.Module())  # no tensor parallelism

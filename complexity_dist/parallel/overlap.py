@@ -16,105 +16,168 @@ each sequence chunk, part of the GEMM needs no communication at all, so it runs 
         backward: start the all-gather of the output gradient; this rank's chunk of the input gradient and
         its share of the weight gradient meanwhile; then the other chunks.
 
-The collectives are torch's functional collectives: asynchronous, waited for where their result is first
-used, in eager mode and in a compiled graph alike, so program order is what overlaps them. An all-to-all moves
-the same bytes as the reduce-scatter it replaces (tp - 1 chunks out, tp - 1 in), and the partial sums are added
-on the receiving rank. Inside, tokens are kept rank-major ([tp, B, S/tp, ...]: chunk j = rank j's sequence
+Each direction is one custom operator that issues its collective asynchronously (torch.distributed, async_op),
+runs the GEMMs that need no communication, then waits: opaque to the compiler, so inductor can neither hoist
+the wait above those GEMMs nor move the collective after them (it does both to functional collectives in a
+backward graph), and the overlap is the same in eager mode and compiled. An all-to-all moves the same bytes as
+the reduce-scatter it replaces (tp - 1 chunks out, tp - 1 in); the partial sums are added on the receiving
+rank. Inside, tokens are kept rank-major ([tp, B, S/tp, ...]: chunk j = rank j's sequence
 slice), so the per-chunk GEMMs read contiguous blocks, and chunk results are stacked straight into [B, S, ...]
 order: one copy per call, as many as the plain path makes to move the gathered ranks next to the sequence.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed._functional_collectives as funcol
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.distributed_c10d import _resolve_process_group
 
-from complexity_dist.parallel.comm import group_rank, group_size
-
-# torch renamed all_gather_tensor to all_gather_single; both gather along dim 0
-_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+from complexity_dist.parallel.comm import group_size
 
 
-def _exchange(chunks: torch.Tensor, group, rank: int, tp: int) -> torch.Tensor:
-    """All-to-all of [(tp-1)*B, ...]: block i goes to the i-th other rank (rank order, skipping this one);
-    returns the blocks received from the other ranks in the same order."""
-    rows = chunks.shape[0] // (tp - 1)
-    splits = [0 if j == rank else rows for j in range(tp)]
-    return funcol.all_to_all_single(chunks.contiguous(), splits, splits, group)
+def _group(group_name: str):
+    group = _resolve_process_group(group_name)
+    return group, dist.get_world_size(group), dist.get_rank(group)
 
 
 def _others(tp: int, rank: int) -> list[int]:
     return [j for j in range(tp) if j != rank]
 
 
+def _start_exchange(chunks: torch.Tensor, group, rank: int, tp: int):
+    """All-to-all of [(tp-1)*B, ...]: block i goes to the i-th other rank (rank order, skipping this one).
+    Returns (receive buffer, work): the blocks from the other ranks in the same order, once work.wait()."""
+    rows = chunks.shape[0] // (tp - 1)
+    splits = [0 if j == rank else rows for j in range(tp)]
+    received = torch.empty_like(chunks)
+    work = dist.all_to_all_single(received, chunks.contiguous(), output_split_sizes=splits,
+                                  input_split_sizes=splits, group=group, async_op=True)
+    return received, work
+
+
+@torch.library.custom_op("complexity_dist::sp_gathered_mm", mutates_args=())
+def _gathered_mm(x: torch.Tensor, weight: torch.Tensor, group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F.linear(gathered x, weight) [B, S, N], the gathered x rank-major [tp, B, S/tp, K])."""
+    group, tp, r = _group(group_name)
+    x = x.contiguous()
+    B, s, K = x.shape
+    full = x.new_empty((tp * B, s, K))  # the concatenated form every backend takes
+    work = dist.all_gather_into_tensor(full, x, group=group, async_op=True)
+    own = F.linear(x, weight)  # meanwhile: this rank's chunk needs no communication
+    work.wait()
+    full = full.view(tp, B, s, K)
+    out = torch.stack([own if j == r else F.linear(full[j], weight) for j in range(tp)], dim=1)
+    return out.view(B, tp * s, -1), full  # [B, tp, s, N] is the sequence in order
+
+
+@_gathered_mm.register_fake
+def _(x, weight, group_name):
+    tp = dist.get_world_size(_resolve_process_group(group_name))
+    B, s, K = x.shape
+    return x.new_empty((B, tp * s, weight.shape[0])), x.new_empty((tp, B, s, K))
+
+
+@torch.library.custom_op("complexity_dist::sp_gathered_mm_backward", mutates_args=())
+def _gathered_mm_backward(grad: torch.Tensor, full: torch.Tensor, weight: torch.Tensor, group_name: str
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d x [B, S/tp, K], d weight) of _gathered_mm."""
+    group, tp, r = _group(group_name)
+    _, B, s, K = full.shape
+    N = weight.shape[0]
+    grad = grad.reshape(B, tp, s, N).transpose(0, 1).contiguous()  # rank-major, like `full`
+    # the other ranks' chunks of the input gradient first: their exchange overlaps what follows
+    received, work = _start_exchange(torch.cat([grad[j] @ weight for j in _others(tp, r)]), group, r, tp)
+    grad_x = grad[r] @ weight
+    grad_w = grad.reshape(-1, N).t() @ full.reshape(-1, K)
+    work.wait()
+    return grad_x + received.view(tp - 1, B, s, K).sum(0), grad_w
+
+
+@_gathered_mm_backward.register_fake
+def _(grad, full, weight, group_name):
+    return full.new_empty(full.shape[1:]), weight.new_empty(weight.shape)
+
+
+@torch.library.custom_op("complexity_dist::sp_scattered_mm", mutates_args=())
+def _scattered_mm(x: torch.Tensor, weight: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Reduce-scatter over the sequence of F.linear(x [B, S, K], weight): [B, S/tp, N]."""
+    group, tp, r = _group(group_name)
+    B, S, K = x.shape
+    s = S // tp
+    chunks = x.reshape(B, tp, s, K).transpose(0, 1)  # [tp, B, s, K] view
+    # the other ranks' output chunks first: they travel while this rank's chunk computes
+    received, work = _start_exchange(torch.cat([F.linear(chunks[j], weight) for j in _others(tp, r)]),
+                                     group, r, tp)
+    own = F.linear(chunks[r], weight)
+    work.wait()
+    return own + received.view(tp - 1, B, s, -1).sum(0)
+
+
+@_scattered_mm.register_fake
+def _(x, weight, group_name):
+    tp = dist.get_world_size(_resolve_process_group(group_name))
+    B, S, _ = x.shape
+    return x.new_empty((B, S // tp, weight.shape[0]))
+
+
+@torch.library.custom_op("complexity_dist::sp_scattered_mm_backward", mutates_args=())
+def _scattered_mm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, group_name: str
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d x [B, S, K], d weight) of _scattered_mm."""
+    group, tp, r = _group(group_name)
+    B, S, K = x.shape
+    s, N = S // tp, weight.shape[0]
+    grad = grad.contiguous()
+    full = grad.new_empty((tp * B, s, N))
+    work = dist.all_gather_into_tensor(full, grad, group=group, async_op=True)
+    chunks = x.reshape(B, tp, s, K).transpose(0, 1)  # [tp, B, s, K] view
+    grad_x_own = grad @ weight                       # meanwhile: this rank's chunk
+    grad_w = grad.reshape(-1, N).t() @ chunks[r].reshape(-1, K)
+    work.wait()
+    full = full.view(tp, B, s, N)
+    grad_x = torch.stack([grad_x_own if j == r else full[j] @ weight for j in range(tp)], dim=1)
+    for j in _others(tp, r):
+        grad_w = grad_w + full[j].reshape(-1, N).t() @ chunks[j].reshape(-1, K)
+    return grad_x.view(B, S, K), grad_w
+
+
+@_scattered_mm_backward.register_fake
+def _(grad, x, weight, group_name):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
 class _GatheredLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
-        tp, r = group_size(group), group_rank(group)
-        x = x.contiguous()
-        B, s, K = x.shape
-        gathered = _all_gather(x, 0, group)  # [tp*B, s, K], in flight
-        own = F.linear(x, weight)            # meanwhile: this rank's chunk needs no communication
-        full = gathered.view(tp, B, s, K)    # waits for the gather
-        out = torch.stack([own if j == r else F.linear(full[j], weight) for j in range(tp)], dim=1)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group_name: str) -> torch.Tensor:
+        out, full = _gathered_mm(x, weight, group_name)
         ctx.save_for_backward(full, weight)
-        ctx.group = group
-        return out.view(B, tp * s, -1)  # [B, tp, s, N] is the sequence in order
+        ctx.group_name = group_name
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         full, weight = ctx.saved_tensors
-        group = ctx.group
-        tp, r = group_size(group), group_rank(group)
-        _, B, s, K = full.shape
-        N = weight.shape[0]
-        grad = grad.reshape(B, tp, s, N).transpose(0, 1).contiguous()  # rank-major, like `full`
-        # the other ranks' chunks of the input gradient first: their exchange overlaps what follows
-        received = _exchange(torch.cat([grad[j] @ weight for j in _others(tp, r)]), group, r, tp)
-        grad_x = grad[r] @ weight
-        grad_w = grad.reshape(-1, N).t() @ full.reshape(-1, K)
-        grad_x = grad_x + received.view(tp - 1, B, s, K).sum(0)
-        return grad_x, grad_w, None
+        return *_gathered_mm_backward(grad, full, weight, ctx.group_name), None
 
 
 class _ScatteredLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
-        tp, r = group_size(group), group_rank(group)
-        B, S, K = x.shape
-        s = S // tp
-        chunks = x.reshape(B, tp, s, K).transpose(0, 1)  # [tp, B, s, K] view
-        # the other ranks' output chunks first: they travel while this rank's chunk computes
-        received = _exchange(torch.cat([F.linear(chunks[j], weight) for j in _others(tp, r)]), group, r, tp)
-        own = F.linear(chunks[r], weight)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group_name: str) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.group = group
-        return own + received.view(tp - 1, B, s, -1).sum(0)
+        ctx.group_name = group_name
+        return _scattered_mm(x, weight, group_name)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        group = ctx.group
-        tp, r = group_size(group), group_rank(group)
-        B, S, K = x.shape
-        s, N = S // tp, weight.shape[0]
-        grad = grad.contiguous()
-        gathered = _all_gather(grad, 0, group)                # [tp*B, s, N], in flight
-        chunks = x.reshape(B, tp, s, K).transpose(0, 1)       # [tp, B, s, K] view
-        grad_x_own = grad @ weight                            # meanwhile: this rank's chunk
-        grad_w = grad.reshape(-1, N).t() @ chunks[r].reshape(-1, K)
-        full = gathered.view(tp, B, s, N)                     # waits for the gather
-        grad_x = torch.stack([grad_x_own if j == r else full[j] @ weight for j in range(tp)], dim=1)
-        for j in _others(tp, r):
-            grad_w = grad_w + full[j].reshape(-1, N).t() @ chunks[j].reshape(-1, K)
-        return grad_x.view(B, S, K), grad_w, None
+        return *_scattered_mm_backward(grad, x, weight, ctx.group_name), None
 
 
 def gathered_linear(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
     """F.linear(all-gather of x [B, S/tp, K] along the sequence, weight) -> [B, S, N], the gather overlapped."""
     if group_size(group) == 1:
         return F.linear(x, weight)
-    return _GatheredLinear.apply(x, weight, group)
+    return _GatheredLinear.apply(x, weight, group.group_name)
 
 
 def scattered_linear(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
@@ -123,4 +186,4 @@ def scattered_linear(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tens
         return F.linear(x, weight)
     if x.shape[1] % group_size(group):
         raise ValueError(f"sequence of {x.shape[1]} does not split over {group_size(group)} ranks")
-    return _ScatteredLinear.apply(x, weight, group)
+    return _ScatteredLinear.apply(x, weight, group.group_name)

@@ -34,8 +34,9 @@ k_norm, which are shared by all heads and see only this rank's heads: their grad
 replicated parameter sees only this rank's tokens. Such parameters are marked `tp_partial_grad = True` and their
 gradients are summed over the TP group by `model.tp_partial_grads` (PartialGradSum): by a hook on each parameter,
 in backward, before any optimizer or ZeRO hook sees the gradient, or, once an engine that reduces only at the
-accumulation boundary has deferred it, once per step as one flat all-reduce. A data-parallel engine must count every TP-replicated parameter once when it
-computes a gradient norm (parameters with `tp_shard` set are sharded, the others replicated).
+accumulation boundary has deferred it, once per step as one flat all-reduce. A data-parallel engine must count
+every TP-replicated parameter once when it computes a gradient norm (parameters with `tp_shard` set are
+sharded, the others replicated).
 
 Sequence parallel splits the sequence (dim 1) over the TP ranks between the TP regions; data.seq_len must be
 divisible by tp. Cached decoding (`generate`) is single-process only.
