@@ -1,5 +1,8 @@
 """Tensor (and sequence) parallelism on 2 gloo processes equals one process: loss, logits, every gradient, and the
-tokens (and their order) that the wrapped expert compute is handed.
+tokens (and their order) that the wrapped expert compute is handed; with the attention's collectives through the
+hooks or overlapped with its GEMMs (parallel.tp_comm_overlap), eager and compiled (where every layer after the
+first shares one graph); and with the partial gradients summed per micro-batch or once per step (deferred, as
+ZeRO 0/1 engines do, and only those: the engine test at the end).
 
 One spawn runs every layout check (a spawn costs seconds of imports); each rank compares its sharded model with
 a single-process copy of the same model that it builds itself from the same seed.
