@@ -109,6 +109,10 @@ class ParallelConfig:
     # by chunks that overlap the projections' GEMMs (complexity_dist/parallel/overlap.py). Off until its speed
     # is measured on GPUs (correct on CPU, eager and compiled)
     tp_comm_overlap: bool = False
+    # expert parallel routes every layer by token id without a host sync and checks the mu override's moves once
+    # per forward, rerunning that forward when one moved a token (complexity_dist/parallel/expert_parallel.py);
+    # not with pipeline parallel. Off until its speed is measured on GPUs
+    ep_speculative_routing: bool = False
     zero_stage: int = 0
     # ZeRO 3 keeps a parameter of at most this many elements whole on every rank (DeepSpeed's
     # stage3_param_persistence_threshold, same default); 0 partitions every parameter

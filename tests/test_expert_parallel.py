@@ -54,10 +54,10 @@ def _reference_grads(model, rank):
     return mine.logits.detach(), mine.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _check_case(rank, group, override_layer, checkpointing):
+def _check_case(rank, group, override_layer, checkpointing, speculative=False):
     ref = _reference(override_layer)
     ep_model = copy.deepcopy(ref)
-    cache = apply_expert_parallel(ep_model, group)
+    cache = apply_expert_parallel(ep_model, group, speculative=speculative)
     ref_logits, ref_loss, ref_grads = _reference_grads(ref, rank)
 
     # layout: same names, this rank's experts r, r+2 as rows, in that order
@@ -152,6 +152,14 @@ def _worker(rank, port):
         assert fracs[0] == fracs[2] == 0.0 and 0.0 < fracs[1] < 1.0, fracs
         assert abs(routed_override_fraction(model) - fracs[1] / 3) < 1e-6
         assert cache.builds == 3, cache.builds  # base + layer 1 forward + layer 1 recompute
+
+        # 2b. speculative routing: the same, with every layer routed by the base plan and one check per forward
+        for override_layer, checkpointing in ((None, "none"), (1, "full"), (1, "none")):
+            model, cache = _check_case(rank, group, override_layer, checkpointing, speculative=True)
+            # no override: the base plan only; override: the speculative forward's base plan, then the rerun
+            # reuses it and rebuilds layer 1's plan (and again in the checkpointed recompute)
+            want = {None: 1}.get(override_layer, 3 if checkpointing == "full" else 2)
+            assert cache.builds == want and not cache.pending, (override_layer, checkpointing, cache.builds)
 
         # 3. DeepSpeed ZeRO 1 and 2 reduce expert grads over the expert-data-parallel group, the rest over
         # data parallel: one SGD step (lr 1) moves every weight by the mean gradient of the global batch

@@ -58,9 +58,10 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     # summed over tp once per step (deferred); ZeRO 2 (tp2ep2_sp, the compiled pair) sums them in backward
     launch(root, "tp2_sp", dataset, "parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch=1",
            "train.steps=3")
-    launch(root, "ep2", dataset, "parallel.ep=2", "train.steps=3")
+    # speculative routing (one check per forward): without moved tokens, and with them (every forward reruns)
+    launch(root, "ep2", dataset, "parallel.ep=2", "train.steps=3", "parallel.ep_speculative_routing=true")
     launch(root, "ep2_moved", dataset, "parallel.ep=2", "parallel.zero_stage=2", "model.router_base_margin=0",
-           "train.steps=3", "tracking.enabled=true")
+           "train.steps=3", "tracking.enabled=true", "parallel.ep_speculative_routing=true")
     four = ["parallel.tp=2", "parallel.ep=2"]
     assert launch(root, "tp2ep2", dataset, *four, nproc=4, env=preempt, check=False).returncode != 0
     launch(root, "tp2ep2", dataset, *four, nproc=4, dump="w_resumed")

@@ -80,10 +80,28 @@ class PlanCache:
     bumps the version), so a new micro-batch always rebuilds. `builds` counts every plan built, base or
     override, so tests (and profiles) can see how often the count exchange ran."""
 
-    def __init__(self):
+    def __init__(self, speculative: bool = False):
         self._key: tuple | None = None
         self._plan: RoutePlan | None = None
         self.builds = 0
+        # speculative routing (see apply_expert_parallel): each layer's count of tokens the override moved,
+        # checked once after the model's forward; and the micro-batch (ids key) that must run checked
+        self.speculative = speculative
+        self.pending: list[torch.Tensor] = []
+        self.rerunning = False
+        self.checked_key: tuple | None = None
+
+    def checked(self, token_ids: torch.Tensor) -> bool:
+        """Whether a layer checks its own routing: always when not speculative; in the forward that reruns a
+        micro-batch whose speculative forward moved tokens, and in that micro-batch's checkpointed recompute
+        (remembered by its ids)."""
+        if not self.speculative:
+            return True
+        if self.rerunning:
+            self.checked_key = (token_ids, token_ids._version)
+            return True
+        key = self.checked_key
+        return key is not None and key[0] is token_ids and key[1] == token_ids._version
 
     def base_plan(self, token_ids: torch.Tensor, num_experts: int, group) -> RoutePlan:
         key = (token_ids, token_ids._version)
@@ -106,9 +124,14 @@ def _expert_parallel_compute(self: TokenRoutedMLP, x: torch.Tensor, expert: torc
     group, cache, E = self._ep_group, self._ep_cache, self.num_experts
     base = torch.remainder(self._ep_token_ids.reshape(-1), E)
     moved = (expert != base).sum()
-    if group_size(group) > 1:
-        dist.all_reduce(moved, group=group)  # every rank must take the same branch: split sizes must match
-    plan = cache.base_plan(self._ep_token_ids, E, group) if int(moved) == 0 else cache.build(expert, E, group)
+    if not cache.checked(self._ep_token_ids):
+        # speculative: route by token id now, no host sync; the model's forward hook checks the counts once
+        cache.pending.append(moved)
+        plan = cache.base_plan(self._ep_token_ids, E, group)
+    else:
+        if group_size(group) > 1:
+            dist.all_reduce(moved, group=group)  # every rank must take the same branch: split sizes must match
+        plan = cache.base_plan(self._ep_token_ids, E, group) if int(moved) == 0 else cache.build(expert, E, group)
     received = all_to_all(x.index_select(0, plan.order), group, plan.send_splits, plan.recv_splits)
     y = grouped_expert_forward(received, plan.recv_local, self.gate_up_proj, self.down_proj)
     if received.requires_grad and not y.requires_grad:
@@ -122,12 +145,41 @@ def expert_modules(model: nn.Module) -> list[TokenRoutedMLP]:
     return [m for m in model.modules() if isinstance(m, TokenRoutedMLP)]
 
 
-def apply_expert_parallel(model: nn.Module, ep_group) -> PlanCache:
+def _verify_speculative_routing(cache: PlanCache, group):
+    """The model's forward hook under speculative routing: one all-reduce and one host sync per forward decide
+    whether any layer's mu override moved a token on any rank; if so the forward runs again with every layer
+    checking its own routing (and so does that micro-batch's checkpointed recompute), and its output replaces
+    the speculative one, whose graph is dropped unused."""
+    def hook(model, args, kwargs, output):
+        if not cache.pending:
+            return output
+        moved = torch.stack(cache.pending).sum()
+        cache.pending.clear()
+        if group_size(group) > 1:
+            dist.all_reduce(moved, group=group)
+        if int(moved) == 0:
+            return output
+        cache.rerunning = True
+        try:
+            return model(*args, **kwargs)
+        finally:
+            cache.rerunning = False
+    return hook
+
+
+def apply_expert_parallel(model: nn.Module, ep_group, speculative: bool = False) -> PlanCache:
     """Shard every TokenRoutedMLP of `model` (built identically on every rank) over `ep_group` in place.
     Returns the plan cache the layers share. Parameter names are unchanged; gate_up_proj/down_proj hold
-    this rank's experts `local_experts(E, ep, rank)` as rows (recorded on the module as `local_experts`)."""
+    this rank's experts `local_experts(E, ep, rank)` as rows (recorded on the module as `local_experts`).
+
+    `speculative` (the model's own forward must run, so not under pipeline parallel): every layer routes by
+    the base plan without waiting to learn whether its mu override moved a token, and a forward hook on
+    `model` checks all layers at once (see _verify_speculative_routing): one host sync per forward instead of
+    one per layer."""
     ep, rank = group_size(ep_group), group_rank(ep_group)
-    cache = PlanCache()
+    cache = PlanCache(speculative)
+    if speculative:
+        model.register_forward_hook(_verify_speculative_routing(cache, ep_group), with_kwargs=True)
     for module in expert_modules(model):
         E = module.num_experts
         if E % ep:

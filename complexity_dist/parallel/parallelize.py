@@ -188,7 +188,8 @@ def parallelize(model: nn.Module, cfg: Config, groups) -> Parallelized:
     # shards those rows and wraps the EP compute in its copy/reduce (each TP rank runs the all-to-all among
     # the ranks of its own tp rank: megatron-core's EP groups). The other order would drop the TP wrapper.
     if p.ep > 1:
-        apply_expert_parallel(model, groups.ep_group)
+        # speculation needs the whole model's forward (its hook checks the routing): not under pipeline parallel
+        apply_expert_parallel(model, groups.ep_group, speculative=p.ep_speculative_routing and p.pp == 1)
         out.ep_group = groups.ep_group
     if p.tp > 1:
         # te: the torch plan's shards and hooks; _apply_te then runs the local GEMMs through TE
