@@ -110,8 +110,9 @@ class ParallelConfig:
     # is measured on GPUs (correct on CPU, eager and compiled)
     tp_comm_overlap: bool = False
     # expert parallel routes every layer by token id without a host sync and checks the mu override's moves once
-    # per forward, rerunning that forward when one moved a token (complexity_dist/parallel/expert_parallel.py);
-    # not with pipeline parallel. Off until its speed is measured on GPUs
+    # per forward, rerunning that forward when one moved a token (complexity_dist/parallel/expert_parallel.py):
+    # a gain only while the override rarely moves tokens. Not with pipeline parallel. Off until its speed is
+    # measured on GPUs
     ep_speculative_routing: bool = False
     zero_stage: int = 0
     # ZeRO 3 keeps a parameter of at most this many elements whole on every rank (DeepSpeed's
