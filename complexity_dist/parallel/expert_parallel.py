@@ -84,10 +84,11 @@ class PlanCache:
         self._key: tuple | None = None
         self._plan: RoutePlan | None = None
         self.builds = 0
-        # speculative routing (see apply_expert_parallel): each layer's count of tokens the override moved,
-        # checked once after the model's forward; and the micro-batch (ids key) that must run checked
+        # speculative routing (see apply_expert_parallel): the layers' summed count of tokens the override moved,
+        # checked once after the model's forward; and the micro-batch (ids key) that must run checked. A running
+        # sum, not a list: dynamo guards a list's length, which made every compiled layer a graph of its own
         self.speculative = speculative
-        self.pending: list[torch.Tensor] = []
+        self.unchecked_moves: torch.Tensor | None = None
         self.rerunning = False
         self.checked_key: tuple | None = None
 
@@ -126,7 +127,7 @@ def _expert_parallel_compute(self: TokenRoutedMLP, x: torch.Tensor, expert: torc
     moved = (expert != base).sum()
     if not cache.checked(self._ep_token_ids):
         # speculative: route by token id now, no host sync; the model's forward hook checks the counts once
-        cache.pending.append(moved)
+        cache.unchecked_moves = moved if cache.unchecked_moves is None else cache.unchecked_moves + moved
         plan = cache.base_plan(self._ep_token_ids, E, group)
     else:
         if group_size(group) > 1:
@@ -151,10 +152,9 @@ def _verify_speculative_routing(cache: PlanCache, group):
     checking its own routing (and so does that micro-batch's checkpointed recompute), and its output replaces
     the speculative one, whose graph is dropped unused."""
     def hook(model, args, kwargs, output):
-        if not cache.pending:
+        moved, cache.unchecked_moves = cache.unchecked_moves, None
+        if moved is None:
             return output
-        moved = torch.stack(cache.pending).sum()
-        cache.pending.clear()
         if group_size(group) > 1:
             dist.all_reduce(moved, group=group)
         if int(moved) == 0:
