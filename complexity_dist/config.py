@@ -106,13 +106,13 @@ class ParallelConfig:
     ep: int = 1
     sequence_parallel: bool = False
     # with sequence parallel and model.linear_backend=torch: the attention's all-gather and reduce-scatter go
-    # by chunks that overlap the projections' GEMMs (complexity_dist/parallel/overlap.py). Off until its speed
-    # is measured on GPUs (correct on CPU, eager and compiled)
+    # by chunks that overlap the projections' GEMMs (complexity_dist/parallel/overlap.py). Off: measured slower
+    # on 2x H200 (TP2 + SP, 1.5b; README's scaling section)
     tp_comm_overlap: bool = False
     # expert parallel routes every layer by token id without a host sync and checks the mu override's moves once
     # per forward, rerunning that forward when one moved a token (complexity_dist/parallel/expert_parallel.py):
-    # a gain only while the override rarely moves tokens. Not with pipeline parallel. Off until its speed is
-    # measured on GPUs
+    # a gain only while the override rarely moves tokens (+2% measured for EP2 at micro-batch 8 on 2x H200
+    # with none moved). Not with pipeline parallel
     ep_speculative_routing: bool = False
     zero_stage: int = 0
     # ZeRO 3 keeps a parameter of at most this many elements whole on every rank (DeepSpeed's

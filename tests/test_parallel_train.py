@@ -12,7 +12,7 @@ Every launch writes its full weights (gathered from the shards by rank 0) at the
     ep2        EP2 (dp 2), ZeRO 1                     parity
     ep2_moved  EP2 (dp 2), ZeRO 2, margin 0           parity with tokens moved by the override; MLflow metric
     tp2ep2     4 processes: TP2 x EP2 (dp 2), ZeRO 1, preempted at 3 and resumed: parity, expert rows survive
-    tp2ep2_sp  4 processes: TP2 x EP2 + sequence parallel, ZeRO 2, margin 0   parity with ref0 (tokens moved)
+    tp2ep2_sp  4 processes: TP2 x EP2 + sequence parallel, ZeRO 2, margin 0, speculative routing: parity with ref0
     ref_hard_compiled / tp2_sp_hard_compiled   1 process / TP2 + SP with the overlapped attention projections,
                                                compiled layers, hard routing, ZeRO 2
 
@@ -66,9 +66,10 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     assert launch(root, "tp2ep2", dataset, *four, nproc=4, env=preempt, check=False).returncode != 0
     launch(root, "tp2ep2", dataset, *four, nproc=4, dump="w_resumed")
     # the base route under SP runs the same compute as tp2ep2 (the SP wrapper hands EP one process's tokens in
-    # one process's order); what SP adds is routing on slices and the override's plans: margin 0 moves tokens
+    # one process's order); what SP adds is routing on slices and the override's plans: margin 0 moves tokens;
+    # speculative routing, so every forward reruns checked
     launch(root, "tp2ep2_sp", dataset, *four, "parallel.sequence_parallel=true", "parallel.zero_stage=2",
-           "model.router_base_margin=0", "train.steps=3", nproc=4)
+           "model.router_base_margin=0", "train.steps=3", "parallel.ep_speculative_routing=true", nproc=4)
     # compiled layers with hard routing (the presets' setting): mu_router's gradient is an exact zero, which
     # DeepSpeed's ZeRO 2 hooks and SP's reduction of replicated gradients need (None crashed them when compiled)
     hard = ["model.mu_router=hard", "train.compile=true", "parallel.zero_stage=2", "train.steps=3"]

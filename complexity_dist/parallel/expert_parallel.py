@@ -95,14 +95,15 @@ class PlanCache:
     def checked(self, token_ids: torch.Tensor) -> bool:
         """Whether a layer checks its own routing: always when not speculative; in the forward that reruns a
         micro-batch whose speculative forward moved tokens, and in that micro-batch's checkpointed recompute
-        (remembered by its ids)."""
-        if not self.speculative:
-            return True
-        if self.rerunning:
-            self.checked_key = (token_ids, token_ids._version)
+        (its ids remembered by `rerun_of`)."""
+        if not self.speculative or self.rerunning:
             return True
         key = self.checked_key
         return key is not None and key[0] is token_ids and key[1] == token_ids._version
+
+    def rerun_of(self, token_ids: torch.Tensor) -> None:
+        """Remember the micro-batch being rerun, so that its checkpointed recompute runs checked as well."""
+        self.checked_key = (token_ids, token_ids._version)
 
     def base_plan(self, token_ids: torch.Tensor, num_experts: int, group) -> RoutePlan:
         key = (token_ids, token_ids._version)
@@ -125,6 +126,8 @@ def _expert_parallel_compute(self: TokenRoutedMLP, x: torch.Tensor, expert: torc
     group, cache, E = self._ep_group, self._ep_cache, self.num_experts
     base = torch.remainder(self._ep_token_ids.reshape(-1), E)
     moved = (expert != base).sum()
+    if cache.rerunning:
+        cache.rerun_of(self._ep_token_ids)
     if not cache.checked(self._ep_token_ids):
         # speculative: route by token id now, no host sync; the model's forward hook checks the counts once
         cache.unchecked_moves = moved if cache.unchecked_moves is None else cache.unchecked_moves + moved
@@ -179,6 +182,8 @@ def apply_expert_parallel(model: nn.Module, ep_group, speculative: bool = False)
     ep, rank = group_size(ep_group), group_rank(ep_group)
     cache = PlanCache(speculative)
     if speculative:
+        # counts left by a checkpointed recompute (it runs after the check) must not reach the next check
+        model.register_forward_pre_hook(lambda module, args: setattr(cache, "unchecked_moves", None))
         model.register_forward_hook(_verify_speculative_routing(cache, ep_group), with_kwargs=True)
     for module in expert_modules(model):
         E = module.num_experts
