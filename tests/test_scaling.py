@@ -51,28 +51,42 @@ nproc = int(args[args.index("--nproc-per-node") + 1])
 run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("train.run_dir="))
 ep = any(a == "parallel.ep=2" for a in args)
 rate = 1000.0 if nproc == 1 else (1800.0 if ep else 1950.0)  # tokens/s
+loss = 5.0 + (0.25 if ep else 0.0)
 os.makedirs(run_dir, exist_ok=True)
 with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
     for step in range(1, 10):
-        f.write(json.dumps({"step": step, "loss": 5.0, "tokens": 2000 * step, "step_time_s": 2000 / rate,
+        f.write(json.dumps({"step": step, "loss": loss, "tokens": 2000 * step, "step_time_s": 2000 / rate,
                             "tokens_per_s": rate, "mfu": rate / 4000, "peak_mem_gib": 3.0}) + "\\n")
 """
 
 
-def test_scaling_script_reports_each_layout_against_one_gpu(tmp_path):
+def run_scaling(tmp_path: Path, **env: str) -> list[str]:
+    """tools/scaling.sh on configs/tiny.yaml over 2 'GPUs' with the stand-in torchrun; its printed lines."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     torchrun = bin_dir / "torchrun"
     torchrun.write_text(FAKE_TORCHRUN)
     torchrun.chmod(torchrun.stat().st_mode | stat.S_IEXEC)
     env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "OUT": str(tmp_path / "out"), "LAYOUTS": "dp;parallel.ep=2"}
+           "OUT": str(tmp_path / "out"), **env}
     proc = subprocess.run(["bash", str(ROOT / "tools/scaling.sh"), "configs/tiny.yaml", "2", "train.steps=9"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.strip().splitlines()
+    return proc.stdout.strip().splitlines()
+
+
+def test_scaling_script_reports_each_layout_against_one_gpu(tmp_path):
+    lines = run_scaling(tmp_path, LAYOUTS="dp;parallel.ep=2")
     assert lines[0].startswith("gpu1: 1,000 tokens/s (1,000 per GPU), MFU 25.0%, steps 4-9")
     assert lines[1].startswith("gpu2_dp: 1,950 tokens/s (975 per GPU)") and lines[1].endswith(
         "scaling 97.5% of 2 x one GPU")
     assert lines[2].startswith("gpu2_ep-2: 1,800 tokens/s (900 per GPU)") and lines[2].endswith(
         "scaling 90.0% of 2 x one GPU")
+
+
+def test_scaling_script_compares_layouts_with_the_first_without_a_baseline(tmp_path):
+    lines = run_scaling(tmp_path, LAYOUTS="dp;parallel.ep=2", BASELINE="none")
+    assert len(lines) == 2 and not (tmp_path / "out" / "gpu1").exists()
+    assert lines[0].startswith("gpu2_dp: 1,950 tokens/s (975 per GPU)") and lines[0].endswith("GiB")
+    assert lines[1].startswith("gpu2_ep-2: 1,800 tokens/s (900 per GPU)") and lines[1].endswith(
+        "92.3% of gpu2_dp, largest loss difference 2.50e-01")
