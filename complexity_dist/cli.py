@@ -31,11 +31,12 @@ def _info(args: argparse.Namespace) -> int:
     print(f"  of which non-embedding:      {counts.active_nonembedding:,}")
     print(f"FLOPs per token (seq {seq}):   {flops / 1e9:.2f} GFLOP")
     print(f"layout on {args.world_size} process(es): tp={layout.tp} pp={layout.pp} ep={layout.ep} dp={layout.dp} "
-          f"expert_dp={layout.expert_dp} sequence_parallel={str(p.sequence_parallel).lower()} "
+          f"expert_dp={layout.expert_dp} expert_tp={layout.expert_tp} sequence_parallel={str(p.sequence_parallel).lower()} "
           f"micro_batch={layout.micro_batch} grad_accum={layout.grad_accum} zero={p.zero_stage}")
     stages = rank_parameter_counts(m, layout)
     print(f"parameters per rank (every tp and ep rank of a stage holds as many) = tensor-parallel shards + "
-          f"experts ({m.num_experts // layout.ep} of {m.num_experts}, each a tp shard) + replicated (norms, "
+          f"experts ({m.num_experts // layout.ep} of {m.num_experts}, "
+          f"{'each a tp shard' if layout.expert_tp > 1 else 'whole'}) + replicated (norms, "
           f"dynamics, router):")
     for c in stages:
         held = [f"layers {c.layers.start}-{c.layers.stop - 1}"]
@@ -49,10 +50,11 @@ def _info(args: argparse.Namespace) -> int:
                 held.append("lm_head")
         print(f"  stage {c.stage} ({', '.join(held)}): {c.total:,} = {c.split:,} + {c.expert:,} + "
               f"{c.replicated:,}")
-    grid = sum(layout.tp * c.split + layout.tp * layout.ep * c.expert + c.replicated for c in stages)
+    grid = sum(layout.tp * c.split + layout.expert_tp * layout.ep * c.expert + c.replicated for c in stages)
     tied = sum(c.tied_copy for c in stages) * layout.tp
     padding = grid - tied - counts.total
-    check = f"  over the grid (tp x split + tp x ep x experts + replicated, summed over stages): {grid:,}"
+    experts = "tp x ep x experts" if layout.expert_tp > 1 else "ep x experts"
+    check = f"  over the grid (tp x split + {experts} + replicated, summed over stages): {grid:,}"
     extras = []
     if tied:
         extras.append(f"the tied embedding's copy on the last stage {tied:,}")

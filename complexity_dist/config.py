@@ -114,6 +114,12 @@ class ParallelConfig:
     # a gain only while the override rarely moves tokens (+2% measured for EP2 at micro-batch 8 on 2x H200
     # with none moved). Not with pipeline parallel
     ep_speculative_routing: bool = False
+    # the experts under tensor parallel: true = each expert's gate_up/down split over the TP ranks (the tokens
+    # gathered for them under sequence parallel); false = whole experts on every TP rank, each running its own
+    # sequence slice (megatron-core's expert tensor parallel size 1): no collectives for the experts, their
+    # gradients summed over TP once per step, at the memory of tp copies of the experts and their optimizer
+    # state. false needs sequence_parallel when tp > 1
+    expert_tensor_parallel: bool = True
     zero_stage: int = 0
     # ZeRO 3 keeps a parameter of at most this many elements whole on every rank (DeepSpeed's
     # stage3_param_persistence_threshold, same default); 0 partitions every parameter
@@ -316,6 +322,7 @@ class Layout:
     grad_accum: int
     expert_dp: int = 1
     num_layers: int = 1
+    expert_tp: int = 1  # the TP ranks each expert is split over: tp, or 1 (parallel.expert_tensor_parallel=false)
 
     @classmethod
     def build(cls, cfg: Config, world_size: int) -> "Layout":
@@ -326,7 +333,7 @@ class Layout:
         per_rank = t.global_batch // dp
         micro = t.micro_batch or per_rank
         return cls(world_size, p.tp, p.pp, p.ep, dp, micro, per_rank // micro, dp // p.ep,
-                   cfg.model.num_hidden_layers)
+                   cfg.model.num_hidden_layers, p.tp if p.expert_tensor_parallel else 1)
 
     @property
     def model_parallel(self) -> int:
@@ -382,7 +389,7 @@ def layout_problems(cfg: Config, world_size: int | None = None) -> list[str]:
 
     divides("tp", p.tp, "model.num_attention_heads", m.num_attention_heads, "tensor parallel splits whole heads")
     divides("tp", p.tp, "model.num_key_value_heads", m.num_key_value_heads, "tensor parallel splits whole heads")
-    if m.expert_intermediate_size % p.tp:
+    if p.expert_tensor_parallel and m.expert_intermediate_size % p.tp:
         out.append(f"parallel.tp={p.tp} does not divide the expert intermediate size {m.expert_intermediate_size} "
                    f"(model.intermediate_size={m.intermediate_size} / num_experts={m.num_experts}; each expert's "
                    f"gate_up/down are split by it)")
@@ -394,6 +401,15 @@ def layout_problems(cfg: Config, world_size: int | None = None) -> list[str]:
     if p.sequence_parallel and p.tp == 1:
         out.append("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the tokens over the "
                    "tensor-parallel ranks); set parallel.tp or parallel.sequence_parallel=false")
+    if not p.expert_tensor_parallel and p.tp > 1:
+        if not p.sequence_parallel:
+            out.append(f"parallel.expert_tensor_parallel=false with parallel.tp={p.tp} needs "
+                       f"parallel.sequence_parallel=true (whole experts run each TP rank's own slice of the "
+                       f"tokens; without sequence parallel every TP rank holds all of them)")
+        if p.ep > 1:
+            out.append(f"parallel.expert_tensor_parallel=false with parallel.ep={p.ep} is not done yet (the "
+                       f"dispatch would run on each TP rank's sequence slice); set parallel.ep=1 or "
+                       f"parallel.expert_tensor_parallel=true")
     if world_size is None or world_size < 1:
         return out
     if world_size % (p.tp * p.pp):

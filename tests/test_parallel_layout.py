@@ -56,6 +56,10 @@ def _group_of(groups: list[list[int]], rank: int) -> list[int]:
     (3, ["parallel.tp=2"], ["world size 3 is not a multiple of parallel.tp * parallel.pp = 2 * 1 = 2"]),
     (2, ["parallel.tp=2", "parallel.ep=2"], ["parallel.ep=2 does not divide the data-parallel size 1"]),
     (2, ["parallel.sequence_parallel=true"], ["parallel.sequence_parallel=true needs parallel.tp > 1"]),
+    (4, ["parallel.tp=2", "parallel.expert_tensor_parallel=false"],
+     ["parallel.expert_tensor_parallel=false with parallel.tp=2 needs parallel.sequence_parallel=true"]),
+    (4, ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true", "parallel.expert_tensor_parallel=false"],
+     ["parallel.expert_tensor_parallel=false with parallel.ep=2 is not done yet"]),
     # every violation in one message, numbered
     (4, ["parallel.tp=3", "parallel.ep=3", "parallel.pp=30"],
      ["has 6 problems", "(1) parallel.tp=3 does not divide model.num_attention_heads=4",
@@ -159,6 +163,15 @@ def test_info_prints_per_rank_counts_that_sum_to_the_total(capsys):
     assert [c.expert * 2 for c in with_ep] == [n[2] for n in num]
     one = rank_parameter_counts(cfg.model, load_config(ROOT / "configs/3b.yaml").layout(1))
     assert len(one) == 1 and one[0].total == model_counts(cfg.model).total
+    # whole experts on each TP rank: a rank holds twice the expert weights, the grid counts them once per ep rank
+    whole = load_config(ROOT / "configs/3b.yaml", ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
+                                                   "parallel.expert_tensor_parallel=false"])
+    assert [c.expert for c in rank_parameter_counts(whole.model, whole.layout(8))] == [n[2] * 2 for n in num]
+    assert main(["info", str(ROOT / "configs/3b.yaml"), "--world-size", "8", "parallel.tp=2", "parallel.pp=2",
+                 "parallel.sequence_parallel=true", "parallel.expert_tensor_parallel=false"]) == 0
+    out = capsys.readouterr().out
+    assert "expert_tp=1" in out and "(tp x split + ep x experts + replicated" in out
+    assert f"= total {total:,} + the tied embedding's copy" in out
 
 
 # --- 2. megatron-core groups and DeepSpeed's mpu, 4 gloo processes ----------------------------------------

@@ -9,6 +9,8 @@ Every launch writes its full weights (gathered from the shards by rank 0) at the
     tp2        TP2, ZeRO 1 (5 steps)                  parity; the uninterrupted twin of tp2_split
     tp2_split  TP2, ZeRO 1, preempted at 3, resumed   bit-exact resume under TP
     tp2_sp     TP2 + sequence parallel, ZeRO 1, 4 micro-batches   parity
+    tp2_sp_etp1  the same with whole experts on each TP rank (parallel.expert_tensor_parallel=false): parity,
+               its checkpoint read back
     ep2        EP2 (dp 2), ZeRO 1                     parity
     ep2_moved  EP2 (dp 2), ZeRO 2, margin 0           parity with tokens moved by the override; MLflow metric
     tp2ep2     4 processes: TP2 x EP2 (dp 2), ZeRO 1, preempted at 3 and resumed: parity, expert rows survive
@@ -58,6 +60,8 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     # summed over tp once per step (deferred); ZeRO 2 (tp2ep2_sp, the compiled pair) sums them in backward
     launch(root, "tp2_sp", dataset, "parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch=1",
            "train.steps=3")
+    launch(root, "tp2_sp_etp1", dataset, "parallel.tp=2", "parallel.sequence_parallel=true",
+           "parallel.expert_tensor_parallel=false", "train.micro_batch=1", "train.steps=3")
     # speculative routing (one check per forward): without moved tokens, and with them (every forward reruns)
     launch(root, "ep2", dataset, "parallel.ep=2", "train.steps=3", "parallel.ep_speculative_routing=true")
     launch(root, "ep2_moved", dataset, "parallel.ep=2", "parallel.zero_stage=2", "model.router_base_margin=0",
@@ -114,7 +118,7 @@ def assert_parity(root: Path, name: str, ref: str = "ref", steps: int = 3):
         assert not torch.equal(last[k], first[k]), f"{name}: {k} never moved (no gradient)"
 
 
-@pytest.mark.parametrize("name", ["tp2", "tp2_sp", "ep2", "tp2ep2"])
+@pytest.mark.parametrize("name", ["tp2", "tp2_sp", "tp2_sp_etp1", "ep2", "tp2ep2"])
 def test_layout_equals_one_process(runs, name):
     assert_parity(runs, name)
     # the base route only: no token moved by the mu override, on any rank, in any layer
@@ -191,6 +195,19 @@ def test_tp_x_ep_checkpoint_reads_back_as_the_gathered_weights(runs):
     want = weights(runs, "tp2ep2", 3)
     names = [k for k in want if k != "lm_head.weight"]  # tied: the embedding
     assert any(len(reader.plan.pieces[k]) == 4 for k in names)
+    for name, value in reader.read(names):
+        assert torch.equal(value, want[name]), name
+
+
+def test_whole_expert_checkpoint_reads_back_as_the_gathered_weights(runs):
+    """TP2 + SP with whole experts on each rank: the reader takes the experts whole from the checkpoint (as the
+    saved config says) and the sharded projections joined, equal to the run's own gathered weights."""
+    from complexity_dist.convert.reader import CheckpointReader, find_checkpoint
+
+    reader = CheckpointReader(find_checkpoint(runs / "tp2_sp_etp1/checkpoints/step_00000003"))
+    want = weights(runs, "tp2_sp_etp1", 3)
+    names = [k for k in want if k != "lm_head.weight"]  # tied: the embedding
+    assert any(k.endswith("gate_up_proj") for k in names)
     for name, value in reader.read(names):
         assert torch.equal(value, want[name]), name
 

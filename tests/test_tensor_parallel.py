@@ -51,7 +51,7 @@ def batch():
 
 
 def run_case(tp_group, mu_router, sequence_parallel, router_scale=1.0, checkpointing="none", dtype=torch.float32,
-             comm_overlap=True):
+             comm_overlap=True, expert_tp=True):
     torch.manual_seed(0)
     cfg = config(**{"model.mu_router": mu_router})
     ref = randomized(ComplexityForCausalLM(cfg).to(dtype), router_scale=router_scale)
@@ -72,21 +72,31 @@ def run_case(tp_group, mu_router, sequence_parallel, router_scale=1.0, checkpoin
         for layer in model.model.layers:
             layer.mlp.compute_experts = recording(layer.mlp.compute_experts, key)
     # TP wraps the recorder as it wraps expert parallel's compute (complexity_dist/parallel/parallelize.py)
-    tp = apply_tensor_parallel(tp, tp_group, sequence_parallel=sequence_parallel, comm_overlap=comm_overlap)
+    tp = apply_tensor_parallel(tp, tp_group, sequence_parallel=sequence_parallel, comm_overlap=comm_overlap,
+                               expert_tp=expert_tp)
     # the overlapped projections replace the attention's projection seam; the hooks leave it alone
     assert all(("project_qkv" in vars(layer.self_attn)) == (sequence_parallel and comm_overlap)
                for layer in tp.model.layers)
     ref.model.activation_checkpointing = tp.model.activation_checkpointing = checkpointing
     out_ref, out_tp = ref(ids, targets=targets), tp(ids, targets=targets)
     # the compute inside TP (with SP too) gets one process's tokens in one process's order: expert parallel's
-    # plan, built from the full micro-batch's ids, relies on it
+    # plan, built from the full micro-batch's ids, relies on it. Whole experts (expert_tp=False) get this
+    # rank's sequence slice of them instead
     assert len(seen["tp"]) == len(seen["ref"]) == cfg.num_hidden_layers
+    r, B = dist.get_rank(tp_group), ids.shape[0]
     for (x_tp, e_tp), (x_ref, e_ref) in zip(seen["tp"], seen["ref"]):
+        if not expert_tp:
+            x_ref = x_ref.view(B, SEQ, -1).chunk(2, dim=1)[r].reshape(-1, x_ref.shape[-1])
+            e_ref = e_ref.view(B, SEQ).chunk(2, dim=1)[r].reshape(-1)
         assert torch.equal(e_tp, e_ref)
         torch.testing.assert_close(x_tp, x_ref, **tol)
+    if not expert_tp:
+        assert all(layer.mlp.gate_up_proj.shape == ref.model.layers[0].mlp.gate_up_proj.shape
+                   for layer in tp.model.layers)
     out_ref.loss.backward()
     out_tp.loss.backward()
-    what = f"{mu_router=} {sequence_parallel=} {router_scale=} {checkpointing=} {dtype=} {comm_overlap=}"
+    what = (f"{mu_router=} {sequence_parallel=} {router_scale=} {checkpointing=} {dtype=} {comm_overlap=} "
+            f"{expert_tp=}")
 
     torch.testing.assert_close(out_tp.loss, out_ref.loss, **tol, msg=lambda m: f"{what} loss: {m}")
     assert out_tp.logits.shape[-1] == VOCAB // 2  # this rank's vocabulary slice only
@@ -170,10 +180,13 @@ def check(rank):
     run_case(group, "hard", True)  # SP: the attention's collectives overlap its GEMMs (tp_comm_overlap)
     run_case(group, "hard", True, comm_overlap=False)  # SP through the hooks
     run_case(group, "straight_through", True, checkpointing="selective")
+    # whole experts on each rank, running its own sequence slice (parallel.expert_tensor_parallel=false)
+    run_case(group, "straight_through", True, comm_overlap=False, expert_tp=False)
     # fp64 at 1e-10, so no small error can hide in fp32 rounding; large router weights move more tokens
-    for sp, overlap in ((False, False), (True, True), (True, False)):
+    for sp, overlap, expert_tp in ((False, False, True), (True, True, True), (True, False, True),
+                                   (True, False, False)):
         assert run_case(group, "straight_through", sp, router_scale=30.0, dtype=torch.float64,
-                        comm_overlap=overlap) > 40
+                        comm_overlap=overlap, expert_tp=expert_tp) > 40
 
     # a tp that does not divide the heads is refused before anything is sharded
     bad = ComplexityForCausalLM(config(**{"model.hidden_size": 48, "model.num_attention_heads": 6,
@@ -196,6 +209,14 @@ def test_check_names_each_number():
     assert "parallel.tp=3 does not divide model.num_attention_heads=4" in msg
     assert "model.num_key_value_heads=2" in msg
     assert "data.seq_len=16" in msg
+    # whole experts: their intermediate size (12 here) need not split over tp, but they need sequence parallel
+    check_tensor_parallel(cfg, 2, sequence_parallel=True, seq_len=SEQ, expert_tp=False)
+    with pytest.raises(ConfigError, match="need sequence_parallel"):
+        check_tensor_parallel(cfg, 2, expert_tp=False)
+    odd = config(**{"model.intermediate_size": 36})  # 9 per expert: does not split over 2 ranks
+    with pytest.raises(ConfigError, match="does not divide the expert intermediate size"):
+        check_tensor_parallel(odd, 2)
+    check_tensor_parallel(odd, 2, sequence_parallel=True, seq_len=SEQ, expert_tp=False)
 
 
 class _FakeSum:

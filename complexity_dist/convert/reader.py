@@ -303,7 +303,7 @@ def _zero12_plan(step_dir: Path, parallel: dict) -> Plan:
                            f"{', ...' if len(lost) > 3 else ''}; the checkpoint is incomplete or not of this model")
     join = {}
     for name in shapes:
-        spec = shard_spec_of(name) if tp > 1 else None
+        spec = shard_spec_of(name, bool(parallel.get("expert_tensor_parallel", True))) if tp > 1 else None
         local = list(full[name])
         if spec is not None:
             local[spec.dim] //= tp

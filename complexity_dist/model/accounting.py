@@ -47,7 +47,7 @@ class StageCounts:
     """Parameters held by one rank of pipeline stage `stage` (every tp and ep rank of a stage holds as many).
 
     split: tensor-parallel shards (attention projections, embedding/lm_head vocabulary slice), 1/tp each;
-    expert: this rank's experts (num_experts/ep of them), each 1/tp; replicated: whole on every tp and ep
+    expert: this rank's experts (num_experts/ep of them), each 1/expert_tp; replicated: whole on every tp and ep
     rank (norms, dynamics, router). `tied_copy`: the last stage's copy of the tied embedding, included in
     `split` there, counted twice over the grid."""
 
@@ -71,7 +71,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 def rank_parameter_counts(cfg: ModelConfig, layout: Layout) -> list[StageCounts]:
     """Per-rank parameter counts of every pipeline stage, from the real module's parameters and the plan of
     docs/architecture.md ("How the layers are spread over GPUs"): attention q/k/v/o split by head over tp,
-    each expert's gate_up/down split over tp and the experts over ep, the embedding (and an untied lm_head)
+    each expert's gate_up/down split over tp (unless parallel.expert_tensor_parallel=false) and the experts over ep, the embedding (and an untied lm_head)
     by vocabulary over tp (padded to a multiple of tp, as megatron-core does); everything else whole.
     Stages hold `layout.stage_layers`; the first also the embedding, the last the final norm and the
     lm_head — with tied embeddings a second copy of the embedding, kept equal by the pipeline."""
@@ -93,7 +93,7 @@ def rank_parameter_counts(cfg: ModelConfig, layout: Layout) -> list[StageCounts]
             if sub.startswith("self_attn.") and "norm" not in sub:
                 split[s] += n // tp
             elif sub.startswith("mlp.") and "router" not in sub:
-                expert[s] += n // (tp * ep)
+                expert[s] += n // (layout.expert_tp * ep)
             else:
                 replicated[s] += n
         elif name == "model.embed_tokens.weight":

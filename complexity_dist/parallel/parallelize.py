@@ -195,7 +195,8 @@ def parallelize(model: nn.Module, cfg: Config, groups) -> Parallelized:
         # te: the torch plan's shards and hooks; _apply_te then runs the local GEMMs through TE
         apply_tensor_parallel(model, groups.tp_group, sequence_parallel=p.sequence_parallel,
                               backend="torch" if cfg.model.linear_backend == "te" else cfg.model.linear_backend,
-                              comm_overlap=p.tp_comm_overlap and cfg.model.linear_backend == "torch")
+                              comm_overlap=p.tp_comm_overlap and cfg.model.linear_backend == "torch",
+                              expert_tp=p.expert_tensor_parallel)
         for param in model.parameters():
             if hasattr(param, "tp_shard"):
                 param.tensor_model_parallel = True  # deepspeed.utils.is_model_parallel_parameter

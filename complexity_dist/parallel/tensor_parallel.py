@@ -21,6 +21,8 @@ The plan (tp = size of the group, r = this rank):
                                    process's order, as expert parallel inside it needs). The reduction sits
                                    inside compute_experts, so the straight-through factor p/p.detach()
                                    multiplies the full sum and mu_router's gradient is the same on every rank.
+                                   expert_tp=False (SP only): not split, not wrapped; each rank's whole
+                                   experts run its own tokens, and they are replicated parameters (below).
     embedding                      vocab-parallel: rows r*V/tp..; ids outside give zeros; reduce_from
                                    (SP: reduce_scatter_to along the sequence, which starts the SP region)
     lm_head (tied or not)          vocab-parallel rows; input copy_to (SP: gather_to_full); the loss is a
@@ -102,8 +104,14 @@ _SHARD_TABLE = (
 )
 
 
-def shard_spec_of(name: str) -> ShardSpec | None:
-    """How apply_tensor_parallel splits the parameter `name`; None for a replicated one."""
+_EXPERT_WEIGHT = re.compile(r"model\.layers\.\d+\.mlp\.(gate_up_proj|down_proj)")
+
+
+def shard_spec_of(name: str, expert_tp: bool = True) -> ShardSpec | None:
+    """How apply_tensor_parallel splits the parameter `name`; None for a replicated one. `expert_tp`:
+    parallel.expert_tensor_parallel (false: the experts are whole on every TP rank)."""
+    if not expert_tp and _EXPERT_WEIGHT.fullmatch(name):
+        return None
     return next((spec for pattern, spec in _SHARD_TABLE if pattern.fullmatch(name)), None)
 
 
@@ -119,18 +127,20 @@ def unshard(pieces: list[torch.Tensor], spec: ShardSpec | None) -> torch.Tensor:
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, sequence_parallel: bool = False,
-                          seq_len: int | None = None) -> None:
+                          seq_len: int | None = None, expert_tp: bool = True) -> None:
     """Raise ConfigError naming the numbers when `tp` cannot shard this model."""
     problems = []
     for key in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
         value = getattr(cfg, key)
         if value % tp:
             problems.append(f"parallel.tp={tp} does not divide model.{key}={value}")
-    if cfg.expert_intermediate_size % tp:
+    if expert_tp and cfg.expert_intermediate_size % tp:
         problems.append(f"parallel.tp={tp} does not divide the expert intermediate size "
                         f"(model.intermediate_size / num_experts = {cfg.expert_intermediate_size})")
     if sequence_parallel and seq_len is not None and seq_len % tp:
         problems.append(f"parallel.sequence_parallel needs parallel.tp={tp} to divide data.seq_len={seq_len}")
+    if not expert_tp and not sequence_parallel and tp > 1:
+        problems.append("whole experts on every TP rank (expert_tensor_parallel=false) need sequence_parallel")
     if problems:
         raise ConfigError("; ".join(problems) + ": choose a tp that divides them (or resize the model)")
 
@@ -339,11 +349,13 @@ def _megatron_classes(layers):
 
 
 def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = False,
-                          backend: str = "torch", comm_overlap: bool = False) -> nn.Module:
+                          backend: str = "torch", comm_overlap: bool = False, expert_tp: bool = True) -> nn.Module:
     """Shard `model` (a ComplexityForCausalLM) in place over `tp_group` and return it. `backend` is
     model.linear_backend ("torch" or "megatron"). `comm_overlap` (parallel.tp_comm_overlap; sequence parallel
     with the torch backend only): the attention's projections gather and scatter by chunks that overlap their
-    GEMMs (complexity_dist/parallel/overlap.py) instead of through the hooks. See the module doc."""
+    GEMMs (complexity_dist/parallel/overlap.py) instead of through the hooks. `expert_tp`
+    (parallel.expert_tensor_parallel; false needs sequence parallel): false keeps every expert whole on each
+    rank, where it runs this rank's slice of the tokens. See the module doc."""
     if getattr(model, "tp_group", None) is not None:
         raise ValueError("apply_tensor_parallel: this model is already tensor-parallel")
     if backend not in BACKENDS:
@@ -352,7 +364,7 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
         raise ConfigError(MEGATRON_SP_REFUSAL)
     tp, r = group_size(tp_group), group_rank(tp_group)
     cfg = model.config
-    check_tensor_parallel(cfg, tp, sequence_parallel)
+    check_tensor_parallel(cfg, tp, sequence_parallel, expert_tp=expert_tp)
     if tp == 1:
         return model
     megatron = _MegatronLinears(tp_group, model.lm_head.weight.dtype) if backend == "megatron" else None
@@ -406,9 +418,12 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
         partial.add(attn.k_norm.weight)
 
         mlp = layer.mlp
-        mlp.gate_up_proj = _shard(mlp.gate_up_proj, tp, r, ShardSpec(2, halves=True))
-        mlp.down_proj = _shard(mlp.down_proj, tp, r, ShardSpec(1))
-        mlp.compute_experts = _tp_experts(mlp, g, sequence_parallel)
+        if expert_tp:
+            mlp.gate_up_proj = _shard(mlp.gate_up_proj, tp, r, ShardSpec(2, halves=True))
+            mlp.down_proj = _shard(mlp.down_proj, tp, r, ShardSpec(1))
+            mlp.compute_experts = _tp_experts(mlp, g, sequence_parallel)
+        # else (under SP) the whole experts run this rank's tokens as they come: no collective; their
+        # gradients are partial sums over the ranks' tokens, like every replicated parameter's below
         if sequence_parallel:
             # routing runs on this rank's tokens: give it this rank's slice of the ids. Registered after
             # expert parallel's own pre-hook (parallelize applies EP first), which keeps the full ids
@@ -419,9 +434,9 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
             if not hasattr(p, "tp_shard"):
                 partial.add(p)
     for name, p in model.named_parameters():
-        if getattr(p, "tp_shard", None) != shard_spec_of(name):
+        if getattr(p, "tp_shard", None) != shard_spec_of(name, expert_tp):
             raise AssertionError(f"apply_tensor_parallel: {name} sharded as {getattr(p, 'tp_shard', None)}, "
-                                 f"shard_spec_of says {shard_spec_of(name)}: update _SHARD_TABLE")
+                                 f"shard_spec_of says {shard_spec_of(name, expert_tp)}: update _SHARD_TABLE")
     model.tp_group, model.sequence_parallel, model.linear_backend = g, sequence_parallel, backend
     model.tp_partial_grads = partial
     return model

@@ -36,6 +36,9 @@ LAYOUTS = {
     # ZeRO 1 (partial gradients summed once per step) and the overlapped attention projections on NCCL
     "tp2_sp_overlap": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.tp_comm_overlap=true",
                        "parallel.zero_stage=1"],
+    # whole experts on each TP rank (parallel.expert_tensor_parallel=false), their gradients summed over TP
+    "tp2_sp_etp1": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.expert_tensor_parallel=false",
+                    "parallel.zero_stage=1"],
     "tp2_megatron": ["parallel.tp=2", "model.linear_backend=megatron"],
     "tp2_te": ["parallel.tp=2", "model.linear_backend=te"],
     "tp2_sp_te": ["parallel.tp=2", "parallel.sequence_parallel=true", "model.linear_backend=te"],
