@@ -31,7 +31,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"  of which non-embedding:      {counts.active_nonembedding:,}")
     print(f"FLOPs per token (seq {seq}):   {flops / 1e9:.2f} GFLOP")
     print(f"layout on {args.world_size} process(es): tp={layout.tp} pp={layout.pp} ep={layout.ep} dp={layout.dp} "
-          f"expert_dp={layout.expert_dp} expert_tp={layout.expert_tp} sequence_parallel={str(p.sequence_parallel).lower()} "
+          f"expert_dp={layout.expert_dp} expert_tp={layout.expert_tp} "
+          f"sequence_parallel={str(p.sequence_parallel).lower()} "
           f"micro_batch={layout.micro_batch} grad_accum={layout.grad_accum} zero={p.zero_stage}")
     stages = rank_parameter_counts(m, layout)
     print(f"parameters per rank (every tp and ep rank of a stage holds as many) = tensor-parallel shards + "

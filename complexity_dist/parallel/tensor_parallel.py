@@ -139,10 +139,13 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int, sequence_parallel: bool = F
                         f"(model.intermediate_size / num_experts = {cfg.expert_intermediate_size})")
     if sequence_parallel and seq_len is not None and seq_len % tp:
         problems.append(f"parallel.sequence_parallel needs parallel.tp={tp} to divide data.seq_len={seq_len}")
-    if not expert_tp and not sequence_parallel and tp > 1:
-        problems.append("whole experts on every TP rank (expert_tensor_parallel=false) need sequence_parallel")
     if problems:
-        raise ConfigError("; ".join(problems) + ": choose a tp that divides them (or resize the model)")
+        problems[-1] += ": choose a tp that divides them (or resize the model)"
+    if not expert_tp and not sequence_parallel and tp > 1:
+        problems.append("whole experts on every TP rank (expert_tensor_parallel=false) need sequence_parallel: "
+                        "they run each rank's own slice of the tokens")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def shard_of(full: torch.Tensor, tp: int, r: int, spec: ShardSpec | None) -> torch.Tensor:
