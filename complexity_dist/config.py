@@ -118,7 +118,7 @@ class ParallelConfig:
     # gathered for them under sequence parallel); false = whole experts on every TP rank, each running its own
     # sequence slice (megatron-core's expert tensor parallel size 1): no collectives for the experts, their
     # gradients summed over TP once per step, at the memory of tp copies of the experts and their optimizer
-    # state. false needs sequence_parallel when tp > 1
+    # state. false needs sequence_parallel when tp > 1; with ep > 1 each TP rank dispatches its own slice
     expert_tensor_parallel: bool = True
     zero_stage: int = 0
     # ZeRO 3 keeps a parameter of at most this many elements whole on every rank (DeepSpeed's
@@ -406,10 +406,6 @@ def layout_problems(cfg: Config, world_size: int | None = None) -> list[str]:
             out.append(f"parallel.expert_tensor_parallel=false with parallel.tp={p.tp} needs "
                        f"parallel.sequence_parallel=true (whole experts run each TP rank's own slice of the "
                        f"tokens; without sequence parallel every TP rank holds all of them)")
-        if p.ep > 1:
-            out.append(f"parallel.expert_tensor_parallel=false with parallel.ep={p.ep} is not done yet (the "
-                       f"dispatch would run on each TP rank's sequence slice); set parallel.ep=1 or "
-                       f"parallel.expert_tensor_parallel=true")
     if world_size is None or world_size < 1:
         return out
     if world_size % (p.tp * p.pp):

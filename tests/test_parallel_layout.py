@@ -58,8 +58,6 @@ def _group_of(groups: list[list[int]], rank: int) -> list[int]:
     (2, ["parallel.sequence_parallel=true"], ["parallel.sequence_parallel=true needs parallel.tp > 1"]),
     (4, ["parallel.tp=2", "parallel.expert_tensor_parallel=false"],
      ["parallel.expert_tensor_parallel=false with parallel.tp=2 needs parallel.sequence_parallel=true"]),
-    (4, ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true", "parallel.expert_tensor_parallel=false"],
-     ["parallel.expert_tensor_parallel=false with parallel.ep=2 is not done yet"]),
     # every violation in one message, numbered
     (4, ["parallel.tp=3", "parallel.ep=3", "parallel.pp=30"],
      ["has 6 problems", "(1) parallel.tp=3 does not divide model.num_attention_heads=4",

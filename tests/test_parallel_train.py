@@ -15,6 +15,7 @@ Every launch writes its full weights (gathered from the shards by rank 0) at the
     ep2_moved  EP2 (dp 2), ZeRO 2, margin 0           parity with tokens moved by the override; MLflow metric
     tp2ep2     4 processes: TP2 x EP2 (dp 2), ZeRO 1, preempted at 3 and resumed: parity, expert rows survive
     tp2ep2_sp  4 processes: TP2 x EP2 + sequence parallel, ZeRO 2, margin 0, speculative routing: parity with ref0
+    tp2ep2_sp_etp1  the same with whole experts on each TP rank, dispatched from each rank's own tokens
     ref_hard_compiled / tp2_sp_hard_compiled   1 process / TP2 + SP with the overlapped attention projections,
                                                compiled layers, hard routing, ZeRO 2
 
@@ -74,6 +75,9 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     # speculative routing, so every forward reruns checked
     launch(root, "tp2ep2_sp", dataset, *four, "parallel.sequence_parallel=true", "parallel.zero_stage=2",
            "model.router_base_margin=0", "train.steps=3", "parallel.ep_speculative_routing=true", nproc=4)
+    launch(root, "tp2ep2_sp_etp1", dataset, *four, "parallel.sequence_parallel=true", "parallel.zero_stage=2",
+           "parallel.expert_tensor_parallel=false", "model.router_base_margin=0", "train.steps=3",
+           "parallel.ep_speculative_routing=true", nproc=4)
     # compiled layers with hard routing (the presets' setting): mu_router's gradient is an exact zero, which
     # DeepSpeed's ZeRO 2 hooks and SP's reduction of replicated gradients need (None crashed them when compiled)
     hard = ["model.mu_router=hard", "train.compile=true", "parallel.zero_stage=2", "train.steps=3"]
@@ -154,10 +158,11 @@ def test_expert_parallel_with_tokens_moved_by_the_override(runs):
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(fracs)
 
 
-def test_tp_x_ep_with_sequence_parallel_and_tokens_moved_by_the_override(runs):
-    assert_parity(runs, "tp2ep2_sp", ref="ref0")
+@pytest.mark.parametrize("name", ["tp2ep2_sp", "tp2ep2_sp_etp1"])
+def test_tp_x_ep_with_sequence_parallel_and_tokens_moved_by_the_override(runs, name):
+    assert_parity(runs, name, ref="ref0")
     # each rank's share is over its sequence slice; their mean is the share of the whole batch
-    fracs = [r["routed_override_frac"] for r in metrics(runs / "tp2ep2_sp")]
+    fracs = [r["routed_override_frac"] for r in metrics(runs / name)]
     assert all(f > 0.3 for f in fracs), fracs
     torch.testing.assert_close(torch.tensor(fracs), torch.tensor([r["routed_override_frac"]
                                                                   for r in metrics(runs / "ref0")]),

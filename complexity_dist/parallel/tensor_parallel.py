@@ -392,6 +392,9 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
         head.register_forward_pre_hook(lambda mod, args: (enter(args[0]), *args[1:]))
     model.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=g)
 
+    if not expert_tp:
+        local_ids = _LocalTokenIds(tp, r)
+        model.register_forward_pre_hook(local_ids.cut, with_kwargs=True)
     for layer in model.model.layers:
         attn = layer.self_attn
         names = [("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads),
@@ -421,12 +424,15 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
         partial.add(attn.k_norm.weight)
 
         mlp = layer.mlp
-        if expert_tp:
-            mlp.gate_up_proj = _shard(mlp.gate_up_proj, tp, r, ShardSpec(2, halves=True))
-            mlp.down_proj = _shard(mlp.down_proj, tp, r, ShardSpec(1))
-            mlp.compute_experts = _tp_experts(mlp, g, sequence_parallel)
-        # else (under SP) the whole experts run this rank's tokens as they come: no collective; their
-        # gradients are partial sums over the ranks' tokens, like every replicated parameter's below
+        if not expert_tp:
+            # whole experts (SP only) run this rank's tokens as they come: no collective; their gradients are
+            # partial sums over the ranks' tokens, like every replicated parameter's below. The ids go first
+            # (before expert parallel's pre-hook, which then plans this rank's slice)
+            mlp.register_forward_pre_hook(local_ids.routing_inputs, prepend=True)
+            continue
+        mlp.gate_up_proj = _shard(mlp.gate_up_proj, tp, r, ShardSpec(2, halves=True))
+        mlp.down_proj = _shard(mlp.down_proj, tp, r, ShardSpec(1))
+        mlp.compute_experts = _tp_experts(mlp, g, sequence_parallel)
         if sequence_parallel:
             # routing runs on this rank's tokens: give it this rank's slice of the ids. Registered after
             # expert parallel's own pre-hook (parallelize applies EP first), which keeps the full ids
@@ -494,6 +500,24 @@ def _tp_experts(mlp, group, sequence_parallel: bool):
             return reduce_scatter_to(out.view(full.shape), group, dim=1).reshape(x.shape)
         return reduce_from(compute(copy_to(x, group), expert), group)
     return wrapped
+
+
+class _LocalTokenIds:
+    """This rank's sequence slice of the micro-batch's token ids for whole experts, cut once per forward (a
+    pre-hook on the model) so that every layer hands the same tensor to routing and to expert parallel, whose
+    plan cache and speculative check know a micro-batch by that tensor's identity."""
+
+    def __init__(self, tp: int, rank: int):
+        self.tp, self.rank = tp, rank
+        self.ids: torch.Tensor | None = None
+
+    def cut(self, model, args, kwargs):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        self.ids = ids.chunk(self.tp, dim=1)[self.rank]
+
+    def routing_inputs(self, mlp, args):
+        m, _full_ids, *rest = args
+        return (m, self.ids, *rest)
 
 
 def _sp_routing_inputs(tp: int, r: int):
