@@ -72,7 +72,8 @@ def rank_parameter_counts(cfg: ModelConfig, layout: Layout) -> list[StageCounts]
     """Per-rank parameter counts of every pipeline stage, from the real module's parameters and the plan of
     docs/architecture.md ("How the layers are spread over GPUs"): attention q/k/v/o split by head over tp,
     each expert's gate_up/down split over tp (whole with parallel.expert_tensor_parallel=false) and the
-    experts over ep, the embedding (and an untied lm_head) by vocabulary over tp (padded to a multiple of tp, as megatron-core does); everything else whole.
+    experts over ep, the embedding (and an untied lm_head) by vocabulary over tp (padded to a multiple of tp,
+    as megatron-core does); everything else whole.
     Stages hold `layout.stage_layers`; the first also the embedding, the last the final norm and the
     lm_head — with tied embeddings a second copy of the embedding, kept equal by the pipeline."""
     with torch.device("meta"):
