@@ -95,8 +95,8 @@ class PlanCache:
     def checked(self, token_ids: torch.Tensor) -> bool:
         """Whether a layer checks its own routing: always when not speculative; in the forward that reruns a
         micro-batch whose speculative forward moved tokens, and in that micro-batch's checkpointed recompute
-        (its ids remembered by `rerun_of`)."""
-        if not self.speculative or self.rerunning:
+        (its ids remembered by `rerun_of`, which the rerun calls first)."""
+        if not self.speculative:
             return True
         key = self.checked_key
         return key is not None and key[0] is token_ids and key[1] == token_ids._version
