@@ -49,7 +49,7 @@ class ModelConfig:
     eos_token_id: int = 0
     # which implementation runs the projections (complexity_dist/parallel/tensor_parallel.py, te_backend.py):
     # "torch" (plain parameters and F.linear), "megatron" (megatron-core's tensor-parallel linears, needs
-    # parallel.tp > 1), "te" (Transformer Engine's Linear; CUDA only; train.fp8 needs it)
+    # parallel.tp > 1), "te" (Transformer Engine's Linear; CUDA only)
     linear_backend: str = "torch"
     # which implementation runs the fused pieces (complexity_dist/kernels/): "torch" (plain autograd) or
     # "triton" (chunked lm_head + cross-entropy that never builds the full logits, fused INL dynamics;
@@ -189,8 +189,9 @@ class TrainConfig:
     # whole layer is recomputed). complexity_dist/model/checkpointing.py. true/false of older configs = full/none
     activation_checkpointing: str = "none"
     compile: bool = False  # torch.compile each decoder layer (fuses the norm/dynamics/SwiGLU elementwise work)
-    # FP8 GEMMs of the projections (model.linear_backend=te): none | delayed | current scaling
-    # (complexity_dist/parallel/te_backend.py)
+    # FP8 GEMMs of the projections: none | current (each tensor scaled by its own amax; with
+    # model.linear_backend=torch: complexity_dist/parallel/fp8.py) | delayed (amax history; te only:
+    # complexity_dist/parallel/te_backend.py)
     fp8: str = "none"
     eval_every: int = 0  # steps between validation-loss evaluations (and at the last step); 0 = never
     eval_batches: int = 10  # global batches of held-out samples per evaluation (the same samples every time)

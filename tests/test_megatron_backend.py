@@ -90,8 +90,8 @@ def test_refusals_name_the_setting():
     assert "needs parallel.tp > 1" in refused("model.linear_backend=megatron", "parallel.tp=1")
     assert "torch.cuda.current_device()" in refused("model.linear_backend=megatron", "parallel.sequence_parallel=true")
     assert "train.compile=true" in refused("model.linear_backend=megatron", "train.compile=true")
-    assert "needs model.linear_backend=te" in refused("train.fp8=current")
-    assert "FP8 training spiked where bf16 did not" in refused("model.linear_backend=te", "train.fp8=delayed")
+    assert "or te (Transformer Engine's)" in refused("model.linear_backend=megatron", "train.fp8=current")
+    assert "with model.linear_backend=te is not verified" in refused("model.linear_backend=te", "train.fp8=delayed")
     check_parallelize(load_config(None, ["parallel.tp=2", "parallel.zero_stage=1", "model.linear_backend=megatron"]))
 
 

@@ -33,6 +33,9 @@ class MuGuidedAttention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
+    # the stacked projection's matrix product: F.linear; complexity_dist/parallel/fp8.py sets an FP8 one
+    linear = staticmethod(F.linear)
+
     def qkv_weight(self) -> torch.Tensor:
         """[(nh + 2 nkv) d, H or 2H]: x weights in the first H input columns, mu weights in the next H."""
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], dim=0)
@@ -46,7 +49,7 @@ class MuGuidedAttention(nn.Module):
         The seam of a linear backend: complexity_dist/parallel/tensor_parallel.py and te_backend.py set an
         instance attribute of the same name."""
         inp = torch.cat([n, mu_prev], dim=-1) if self.has_mu else n
-        return self.split_qkv(F.linear(inp, self.qkv_weight()))
+        return self.split_qkv(self.linear(inp, self.qkv_weight()))
 
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Views of q, k and v in the stacked projection's output. Local sizes come from the weights, so a

@@ -12,7 +12,9 @@ every rank) and applies, in this order:
 3. tells DeepSpeed which parameters are expert parameters (reduced and ZeRO-partitioned over the
    expert-data-parallel group);
 4. with model.linear_backend=te, hands the (sharded) dense projections to Transformer Engine's Linear and, with
-   train.fp8, runs the decoder under FP8 autocast (complexity_dist/parallel/te_backend.py).
+   train.fp8, runs the decoder under FP8 autocast (complexity_dist/parallel/te_backend.py);
+5. with model.linear_backend=torch and train.fp8=current, runs the large (sharded) projections as FP8 GEMMs
+   (complexity_dist/parallel/fp8.py).
 
 It returns a `Parallelized` record that the engine and the checkpointer need: the expert group name (the
 optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weights on one rank.
@@ -20,10 +22,10 @@ optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weig
 `check_parallelize(cfg)` refuses, before any process group exists, what this loop does not run (see its
 messages): pipeline parallelism other than with ZeRO 1 (and with expert parallel), tensor or expert
 parallel with ZeRO 0, expert parallel with ZeRO 3, and the model.linear_backend values that cannot run with
-the layout or on this machine (te on CPU or without Transformer Engine; train.fp8 for now, as it did not learn
-in its GPU check; FP8 on a GPU without it, with sizes not divisible by 16 or with activation checkpointing; te
-with selective activation checkpointing; megatron with tp=1, sequence parallel, pipeline parallel or
-train.compile; train.fp8 without te).
+the layout or on this machine (te on CPU or without Transformer Engine; te with train.fp8 for now, as its GPU
+check was inconclusive; FP8 on a GPU without it or with sizes not divisible by 16; te's FP8 with activation
+checkpointing; te with selective activation checkpointing; megatron with tp=1, sequence parallel, pipeline
+parallel, train.compile or train.fp8; train.fp8=delayed without te, train.fp8 with the TP comm overlap).
 
 What combines, each proven equal to one process through the trainer (tests/test_parallel_train.py,
 tests/test_parallel_zero3.py, tests/test_pipeline_train.py): TP (+SP) and EP with ZeRO 1 and 2, TP x EP (+SP:
@@ -108,9 +110,11 @@ def linear_backend_problems(cfg: Config) -> list[str]:
         if cfg.train.fp8 != "none" and os.environ.get(FP8_UNVERIFIED_ENV) != "1":
             problems.append(FP8_REFUSAL.format(mode=cfg.train.fp8))
         problems += _te_problems(cfg)
+    elif backend == "torch" and cfg.train.fp8 != "none":
+        problems += _torch_fp8_problems(cfg)
     elif cfg.train.fp8 != "none":
-        problems.append(f"train.fp8={cfg.train.fp8} runs the projections through Transformer Engine and needs "
-                        f"model.linear_backend=te (it is {backend!r}); set model.linear_backend=te or train.fp8=none")
+        problems.append(f"train.fp8={cfg.train.fp8} runs with model.linear_backend=torch (our FP8 GEMMs) or te "
+                        f"(Transformer Engine's), not {backend!r}; set one of those or train.fp8=none")
     if backend == "megatron":
         if p.tp == 1:
             problems.append("model.linear_backend=megatron replaces the tensor-parallel linears and needs "
@@ -124,15 +128,46 @@ def linear_backend_problems(cfg: Config) -> list[str]:
     return problems
 
 
-# FP8 training is refused until it trains as well as bf16. On an H200 (TE 2.20, 150m preset, seq 256 x 16,
-# lr 1e-3, the recipe of tests/gpu/test_gpu_te.py) FP8 runs spike where bf16 does not (loss 7 -> 12-18, gradient
-# norm up to 132) and end 10-20% above bf16 after 200 steps; one earlier run never recovered (ln(vocab)). It does
-# learn: 100 steps under ZeRO 0 ended level with bf16. FP8_UNVERIFIED_ENV=1 lets the GPU tests (and whoever
-# debugs it) run it anyway.
+# FP8 through Transformer Engine is refused until it is checked again. On an H200 (TE 2.20, 150m preset, seq
+# 256 x 16, lr 1e-3) its FP8 runs spiked and ended 10-20% above bf16; later runs showed bf16 itself spiking at
+# that learning rate (loss to 12, gradient norm to 182), so those checks could not tell FP8 from the recipe, and
+# they were not repeated with TE at lr 5e-4, where our own FP8 path (train.fp8=current with
+# model.linear_backend=torch, complexity_dist/parallel/fp8.py) ends level with bf16 (tests/gpu/test_gpu_fp8.py).
+# FP8_UNVERIFIED_ENV=1 lets the GPU tests (and whoever checks it) run TE's anyway.
 FP8_UNVERIFIED_ENV = "COMPLEXITY_DIST_FP8_UNVERIFIED"
-FP8_REFUSAL = ("train.fp8={mode} is disabled: in 200-step checks on an H200 FP8 training spiked where bf16 did not "
-               "and ended 10-20% above the bf16 loss; train with train.fp8=none (bf16 through model.linear_backend=te "
-               "or torch). To run it anyway for debugging, set " + FP8_UNVERIFIED_ENV + "=1")
+FP8_REFUSAL = ("train.fp8={mode} with model.linear_backend=te is not verified (its 200-step GPU checks ended 10-20% "
+               "above bf16, at a learning rate where bf16 also spiked); use train.fp8=current with "
+               "model.linear_backend=torch (FP8 checked against bf16), or set " + FP8_UNVERIFIED_ENV + "=1 to run "
+               "TE's anyway")
+
+
+def _fp8_size_problems(cfg: Config) -> list[str]:
+    """FP8 GEMMs (cuBLASLt, for TE's and ours) need every dimension divisible by 16: the tokens of a micro-batch
+    (seq_len), the hidden size, the query and key/value widths of this tensor-parallel rank."""
+    m, tp = cfg.model, cfg.parallel.tp
+    sizes = {"data.seq_len": cfg.data.seq_len, "model.hidden_size": m.hidden_size,
+             "model.head_dim * num_attention_heads / parallel.tp": m.head_dim * m.num_attention_heads // tp,
+             "model.head_dim * num_key_value_heads / parallel.tp": m.head_dim * m.num_key_value_heads // tp}
+    if cfg.model.linear_backend == "te":  # te runs the dynamics controller in FP8 too
+        sizes["model.dynamics_controller_hidden"] = m.dynamics_controller_hidden
+    return [f"train.fp8={cfg.train.fp8}: FP8 GEMMs need {name}={value} divisible by 16"
+            for name, value in sizes.items() if value % 16]
+
+
+def _torch_fp8_problems(cfg: Config) -> list[str]:
+    """What keeps train.fp8 with model.linear_backend=torch (complexity_dist/parallel/fp8.py) from running."""
+    fp8, problems = cfg.train.fp8, []
+    if fp8 != "current":
+        problems.append(f"train.fp8={fp8} (scales from an amax history) is Transformer Engine's recipe; with "
+                        f"model.linear_backend=torch use train.fp8=current, or set model.linear_backend=te")
+    if cfg.parallel.tp_comm_overlap and cfg.parallel.tp > 1:
+        problems.append("train.fp8 with parallel.tp_comm_overlap=true: the overlapped projections are their own "
+                        "GEMMs, not FP8 ones; set parallel.tp_comm_overlap=false")
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        major, minor = torch.cuda.get_device_capability()
+        problems.append(f"train.fp8={fp8}: this GPU (compute capability {major}.{minor}) has no FP8 GEMMs (8.9+: "
+                        f"H100, H200, L40S); set train.fp8=none")
+    return problems + _fp8_size_problems(cfg)
 
 
 def _te_problems(cfg: Config) -> list[str]:
@@ -148,13 +183,7 @@ def _te_problems(cfg: Config) -> list[str]:
         why = fp8_problem()
         if why is not None:
             problems.append(f"train.fp8={fp8}: {why}")
-        m = cfg.model
-        sizes = {"data.seq_len": cfg.data.seq_len, "model.hidden_size": m.hidden_size,
-                 "model.dynamics_controller_hidden": m.dynamics_controller_hidden,
-                 "model.head_dim * num_key_value_heads / parallel.tp": m.head_dim * m.num_key_value_heads // cfg.parallel.tp}
-        for name, value in sizes.items():
-            if value % 16:
-                problems.append(f"train.fp8={fp8}: FP8 GEMMs need {name}={value} divisible by 16")
+        problems += _fp8_size_problems(cfg)
         if cfg.train.activation_checkpointing != "none":
             problems.append(f"train.fp8={fp8} with train.activation_checkpointing="
                             f"{cfg.train.activation_checkpointing}: the recomputed forward would run outside FP8 "
@@ -187,6 +216,7 @@ def parallelize(model: nn.Module, cfg: Config, groups) -> Parallelized:
     out = Parallelized(mpu=deepspeed_mpu(groups))
     if groups is None:
         _apply_te(model, cfg, None)
+        _apply_fp8(model, cfg)
         return out
     # EP before TP: EP swaps in new expert parameters (this rank's rows) and replaces compute_experts; TP then
     # shards those rows and wraps the EP compute in its copy/reduce (each TP rank runs the all-to-all among
@@ -208,6 +238,7 @@ def parallelize(model: nn.Module, cfg: Config, groups) -> Parallelized:
     if p.ep > 1:  # marks the final (possibly TP-sharded) expert parameters
         out.expert_group_name = enable_deepspeed_expert_reduction(model, groups.ep_group, groups.expert_dp_group)
     _apply_te(model, cfg, groups)
+    _apply_fp8(model, cfg)
     return out
 
 
@@ -222,6 +253,15 @@ def _apply_te(model: nn.Module, cfg: Config, groups) -> None:
         # every rank that holds a copy of a weight sees part of its activations: amaxes reduce over the world
         # (pp is refused with te)
         enable_fp8(model, cfg.train.fp8, dist.group.WORLD if dist.is_initialized() else None)
+
+
+def _apply_fp8(model: nn.Module, cfg: Config) -> None:
+    """train.fp8 with model.linear_backend=torch: the large projections (already laid out) become FP8 GEMMs."""
+    if cfg.train.fp8 == "none" or cfg.model.linear_backend != "torch":
+        return
+    from complexity_dist.parallel.fp8 import apply_fp8_linears
+
+    apply_fp8_linears(model)
 
 
 # --- gathering the full model on one rank (tests, debugging) -------------------------------------------

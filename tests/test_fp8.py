@@ -1,0 +1,120 @@
+"""train.fp8=current with model.linear_backend=torch (complexity_dist/parallel/fp8.py), on CPU: torch's CPU build
+runs `torch._scaled_mm` with the same FP8 formats. The GPU checks (1.5b shapes, 200 training steps against bf16)
+are tests/gpu/test_gpu_fp8.py."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from complexity_dist.config import ConfigError, load_config
+from complexity_dist.model import ComplexityForCausalLM
+from complexity_dist.parallel.fp8 import FORWARD_DTYPE, GRAD_DTYPE, Fp8Linear, fp8_linear, scaled_fp8
+from complexity_dist.parallel.parallelize import check_parallelize, parallelize
+from test_train import dataset, metrics, run, train_cmd  # noqa: F401 (dataset: a fixture)
+
+
+def dequantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    q, inv = scaled_fp8(t, dtype)
+    return q.float() * inv
+
+
+def test_scaling_puts_the_largest_magnitude_on_the_formats_largest_value():
+    x = torch.tensor([[0.5, -3.0], [1e-3, 2.0]])
+    for dtype in (FORWARD_DTYPE, GRAD_DTYPE):
+        q, inv = scaled_fp8(x, dtype)
+        assert q.dtype == dtype and inv.dtype == torch.float32
+        assert q.float().abs().max().item() == torch.finfo(dtype).max
+        torch.testing.assert_close(q.float() * inv, x, rtol=0.13, atol=1e-3)  # 2-3 mantissa bits
+    q, inv = scaled_fp8(torch.zeros(3, 4), FORWARD_DTYPE)  # an all-zero tensor: zeros, a finite scale
+    assert q.float().abs().max() == 0 and torch.isfinite(inv)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp8_linear_is_the_product_of_its_fp8_operands(compiled):
+    """Forward: E4M3 input x E4M3 weight; backward: E5M2 output gradient against the same saved E4M3 copies.
+    Each equals the fp32 product of the dequantized operands (exactly: the CPU kernel accumulates in fp32)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 64, requires_grad=True)
+    w = (torch.randn(32, 64) * 0.05).requires_grad_()
+    b = torch.randn(32, requires_grad=True)
+    g = torch.randn(2, 48, 32)
+    fn = torch.compile(fp8_linear) if compiled else fp8_linear
+    out = fn(x, w, b)
+    out.backward(g)
+    xq, wq = dequantized(x.detach().reshape(-1, 64), FORWARD_DTYPE), dequantized(w.detach(), FORWARD_DTYPE)
+    gq = dequantized(g.reshape(-1, 32), GRAD_DTYPE)
+    torch.testing.assert_close(out.detach().reshape(-1, 32), xq @ wq.t() + b.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad.reshape(-1, 64), gq @ wq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, gq.t() @ xq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b.grad, g.sum((0, 1)))
+    # and it is close to the exact product: FP8's error, not a wrong one
+    exact = x.detach() @ w.detach().t() + b.detach()
+    assert ((out.detach() - exact).norm() / exact.norm()).item() < 0.05
+
+
+def test_model_runs_its_large_projections_in_fp8_and_every_parameter_trains():
+    cfg = load_config("configs/tiny.yaml", ["train.fp8=current"])
+    torch.manual_seed(0)
+    ref = ComplexityForCausalLM(cfg.model)
+    model = copy.deepcopy(ref)
+    parallelize(model, cfg, None)
+    assert model.state_dict().keys() == ref.state_dict().keys()  # checkpoints as without FP8
+    for layer in model.model.layers:
+        assert layer.self_attn.linear is fp8_linear  # the stacked [n, mu_prev] q/k/v GEMM
+        assert type(layer.self_attn.o_proj) is Fp8Linear and type(layer.dynamics.mu_proj) is Fp8Linear
+        # the dynamics controller (64 features wide) stays a plain bf16 GEMM
+        assert type(layer.dynamics.controller_in) is nn.Linear and type(layer.dynamics.controller_out) is nn.Linear
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 65))
+    losses = {}
+    for name, m in (("ref", ref), ("fp8", model)):
+        losses[name] = m(ids[:, :-1], targets=ids[:, 1:]).loss
+        losses[name].backward()
+    torch.testing.assert_close(losses["fp8"], losses["ref"], rtol=1e-2, atol=0)
+    ref_grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if ref_grads[name].grad.norm() > 0:
+            rel = (p.grad - ref_grads[name].grad).norm() / ref_grads[name].grad.norm()
+            assert rel < 0.35, (name, rel.item())  # FP8's rounding through 6 layers, not a missing term
+
+
+def test_refusals_name_the_setting():
+    def refused(*overrides):
+        with pytest.raises(ConfigError) as e:
+            check_parallelize(load_config("configs/tiny.yaml", list(overrides)))
+        return str(e.value)
+    assert "use train.fp8=current" in refused("train.fp8=delayed")
+    assert "model.linear_backend=torch (our FP8 GEMMs) or te" in refused(
+        "train.fp8=current", "model.linear_backend=megatron", "parallel.tp=2", "parallel.zero_stage=1")
+    assert "set parallel.tp_comm_overlap=false" in refused(
+        "train.fp8=current", "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.tp_comm_overlap=true",
+        "parallel.zero_stage=1")
+    assert "model.hidden_size=264 divisible by 16" in refused(
+        "train.fp8=current", "model.hidden_size=264", "model.num_attention_heads=4", "model.num_key_value_heads=2")
+    check_parallelize(load_config("configs/tiny.yaml", ["train.fp8=current", "train.activation_checkpointing=full"]))
+
+
+def test_fp8_training_learns_and_resumes_bit_exact(tmp_path, dataset):  # noqa: F811
+    """Current scaling has no state besides the weights: a run stopped and resumed continues exactly."""
+    common = ["train.steps=8", "checkpoint.every=4", "train.fp8=current"]
+    run(train_cmd(tmp_path / "full", dataset, *common))
+    stopped = run(train_cmd(tmp_path / "split", dataset, *common), env_extra={"COMPLEXITY_DIST_PREEMPT_AT": "4"},
+                  check=False)
+    assert stopped.returncode != 0
+    run(train_cmd(tmp_path / "split", dataset, *common))
+    full, split = metrics(tmp_path / "full"), metrics(tmp_path / "split")
+    assert [r["step"] for r in split] == list(range(1, 9))
+    assert [r["loss"] for r in split[4:]] == [r["loss"] for r in full[4:]]
+    assert full[-1]["loss"] < full[0]["loss"] - 0.5
+
+
+def test_tensor_parallel_fp8_follows_one_process(tmp_path, dataset):  # noqa: F811
+    """TP2 + SP: each rank scales its own shard (other scales than one process's whole tensors), so the runs agree
+    to FP8's rounding, not bit for bit."""
+    common = ["train.steps=6", "checkpoint.enabled=false", "train.fp8=current", "parallel.zero_stage=1"]
+    run(train_cmd(tmp_path / "one", dataset, *common))
+    run(train_cmd(tmp_path / "tp2", dataset, *common, "parallel.tp=2", "parallel.sequence_parallel=true", nproc=2))
+    one, tp2 = metrics(tmp_path / "one"), metrics(tmp_path / "tp2")
+    assert len(one) == len(tp2) == 6
+    torch.testing.assert_close([r["loss"] for r in tp2], [r["loss"] for r in one], rtol=2e-3, atol=0)
