@@ -79,6 +79,22 @@ def test_model_runs_its_large_projections_in_fp8_and_every_parameter_trains():
             assert rel < 0.35, (name, rel.item())  # FP8's rounding through 6 layers, not a missing term
 
 
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_recomputes_the_same_fp8_forward(mode):
+    """The recompute repeats the scaling from the same tensors: loss and gradients equal, bit for bit."""
+    cfg = load_config("configs/tiny.yaml", ["train.fp8=current", "model.num_hidden_layers=2"])
+    torch.manual_seed(0)
+    plain = ComplexityForCausalLM(cfg.model)
+    parallelize(plain, cfg, None)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.model.activation_checkpointing = mode
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 33))
+    for m in (plain, checkpointed):
+        m(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
 def test_refusals_name_the_setting():
     def refused(*overrides):
         with pytest.raises(ConfigError) as e:
@@ -109,12 +125,22 @@ def test_fp8_training_learns_and_resumes_bit_exact(tmp_path, dataset):  # noqa: 
     assert full[-1]["loss"] < full[0]["loss"] - 0.5
 
 
-def test_tensor_parallel_fp8_follows_one_process(tmp_path, dataset):  # noqa: F811
-    """TP2 + SP: each rank scales its own shard (other scales than one process's whole tensors), so the runs agree
-    to FP8's rounding, not bit for bit."""
-    common = ["train.steps=6", "checkpoint.enabled=false", "train.fp8=current", "parallel.zero_stage=1"]
-    run(train_cmd(tmp_path / "one", dataset, *common))
-    run(train_cmd(tmp_path / "tp2", dataset, *common, "parallel.tp=2", "parallel.sequence_parallel=true", nproc=2))
-    one, tp2 = metrics(tmp_path / "one"), metrics(tmp_path / "tp2")
-    assert len(one) == len(tp2) == 6
-    torch.testing.assert_close([r["loss"] for r in tp2], [r["loss"] for r in one], rtol=2e-3, atol=0)
+@pytest.fixture(scope="module")
+def one_process_fp8(tmp_path_factory, dataset):  # noqa: F811
+    run_dir = tmp_path_factory.mktemp("fp8") / "one"
+    run(train_cmd(run_dir, dataset, *LAYOUT_COMMON))
+    return [r["loss"] for r in metrics(run_dir)]
+
+
+LAYOUT_COMMON = ["train.steps=6", "checkpoint.enabled=false", "train.fp8=current", "parallel.zero_stage=1"]
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.pp=2"],
+                                    ["parallel.ep=2"]], ids=["tp2_sp", "pp2", "ep2"])
+def test_parallel_layouts_in_fp8_follow_one_process(tmp_path, dataset, one_process_fp8, layout):  # noqa: F811
+    """Each rank scales its own tensors (a TP shard, a data-parallel rank's micro-batch: other scales than one
+    process's), so the runs agree to FP8's rounding, not bit for bit."""
+    run(train_cmd(tmp_path / "run", dataset, *LAYOUT_COMMON, *layout, nproc=2))
+    losses = [r["loss"] for r in metrics(tmp_path / "run")]
+    assert len(losses) == len(one_process_fp8) == 6
+    torch.testing.assert_close(losses, one_process_fp8, rtol=2e-3, atol=0)
