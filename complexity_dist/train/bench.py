@@ -176,13 +176,21 @@ def build_megatron_baseline(cfg: Config, bf16: bool) -> tuple[nn.Module, int, in
         normalization="RMSNorm", layernorm_epsilon=m.rms_norm_eps, qk_layernorm=True,
         gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=True, add_bias_linear=False,
         apply_rope_fusion=True, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.initializer_range,
-        bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype)
+        bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype, **megatron_fp8(cfg))
     gpt = GPTModel(config, get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True), vocab_size=m.vocab_size,
                    max_sequence_length=cfg.data.seq_len, position_embedding_type="rope",
                    rotary_base=int(m.rope_theta), share_embeddings_and_output_weights=False)
     total = sum(p.numel() for p in gpt.parameters())
     embedding = sum(p.numel() for n, p in gpt.named_parameters() if "word_embeddings" in n or "output_layer" in n)
     return MegatronGPTLoss(gpt), total, total - embedding
+
+
+def megatron_fp8(cfg: Config) -> dict:
+    """The baseline's FP8 settings matching train.fp8, so that `bench --baseline` compares FP8 with FP8: the
+    HYBRID format (E4M3 forward, E5M2 gradients), per-tensor current scaling ("tensorwise") or delayed."""
+    if cfg.train.fp8 == "none":
+        return {}
+    return {"fp8": "hybrid", "fp8_recipe": "tensorwise" if cfg.train.fp8 == "current" else "delayed"}
 
 
 def check_baseline_available() -> None:
@@ -207,7 +215,8 @@ def bench_megatron(cfg: Config, env, bf16: bool, steps: int, warmup: int) -> Ben
     flops = 6 * nonembedding + 6 * m.vocab_size * m.hidden_size + 12 * m.num_hidden_layers * m.hidden_size * \
         cfg.data.seq_len
     engine = build_engine(model.to(env.device), cfg, env.layout, bf16)
-    result = time_engine("megatron-core GPT + TE (dense)", engine, cfg, env.layout, flops, total, steps, warmup,
+    name = "megatron-core GPT + TE (dense)" if cfg.train.fp8 == "none" else "megatron-core + TE (dense, FP8)"
+    result = time_engine(name, engine, cfg, env.layout, flops, total, steps, warmup,
                          env.device)
     del engine, model
     _release(env.device)
