@@ -94,6 +94,5 @@ def apply_fp8_linears(model: nn.Module) -> nn.Module:
         attn.linear = fp8_linear
         attn.o_proj.__class__ = Fp8Linear
         layer.dynamics.mu_proj.__class__ = Fp8Linear
-    model.fp8 = "current"
     return model
 
