@@ -142,7 +142,8 @@ def test_compiled_backward_never_makes_the_token_dimension_contiguous(mode, monk
 
     torch._dynamo.reset()
     compiled = torch.compile(lambda *a: run_checkpointed(mode, layer, *a), fullgraph=True)
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+    no_disk_cache = torch._functorch.config.patch(enable_autograd_cache=False)
+    with torch._inductor.config.patch(fx_graph_cache=False), no_disk_cache:
         got = values_and_grads(compiled, x, expert, gate_up, down)
     as_fp32 = [x.detach().float().requires_grad_(), expert] + [w.detach().float().requires_grad_() for w in (gate_up, down)]
     want = values_and_grads(lambda x, *a: per_token_reference(F.rms_norm(x, (x.shape[-1],)), *a) * 2 + x,
