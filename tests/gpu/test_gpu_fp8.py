@@ -14,13 +14,9 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                                 reason="needs an FP8-capable GPU (compute capability 8.9+)")
 
-from complexity_dist.parallel.fp8 import FORWARD_DTYPE, GRAD_DTYPE, fp8_linear, scaled_fp8  # noqa: E402
+from complexity_dist.parallel.fp8 import FORWARD_DTYPE, GRAD_DTYPE, fp8_linear  # noqa: E402
+from test_fp8 import dequantized  # noqa: E402
 from test_train import metrics, run  # noqa: E402
-
-
-def dequantized(t, dtype):
-    q, inv = scaled_fp8(t, dtype)
-    return q.float() * inv
 
 
 @pytest.mark.parametrize("k,n", [(4096, 4096), (2048, 2048)])  # the stacked [n, mu] q/k/v; o_proj and mu_proj
