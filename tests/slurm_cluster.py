@@ -182,9 +182,9 @@ class LocalSlurm:
         _run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"])
         _run(["runuser", "-u", "munge", "--", _sbin("munged"), "--force"])  # a leftover socket is stale here
         _wait(self._munge_ok, 20, "munged did not answer (munge -n | unmunge)")
-        pidfile = Path("/run/munge/munged.pid")
-        if pidfile.exists():
-            self._pids.append(("munged", int(pidfile.read_text().split()[0])))
+        pid = _read_pid(Path("/run/munge/munged.pid"))
+        if pid is not None:
+            self._pids.append(("munged", pid))
 
     def _daemon(self, name: str, program: str, args: list[str]) -> None:
         pidfile, log = self.state / f"{name}.pid", self.state / f"{name}.log"
@@ -192,11 +192,13 @@ class LocalSlurm:
             _run([_sbin(program), "-f", str(self.conf), *args], timeout=60, env={**os.environ, **self.env})
         except subprocess.CalledProcessError as e:
             raise ClusterError(f"{name} did not start: {e.stderr}\n{self.logs()}") from e
-        _wait(lambda: pidfile.exists() or "fatal:" in (log.read_text() if log.exists() else ""),
-              20, f"{name} wrote no pid file {pidfile}")
-        if not pidfile.exists():
+        # The daemon creates its pid file before it writes the number: wait for the number, not the file.
+        _wait(lambda: _read_pid(pidfile) is not None or "fatal:" in (log.read_text() if log.exists() else ""),
+              20, f"{name} wrote no pid to {pidfile}")
+        pid = _read_pid(pidfile)
+        if pid is None:
             raise ClusterError(f"{name} failed to start:\n{self.logs()}")
-        self._pids.append((name, int(pidfile.read_text().split()[0])))
+        self._pids.append((name, pid))
 
     @property
     def ports(self) -> list[int]:
@@ -290,6 +292,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _read_pid(pidfile: Path) -> int | None:
+    """The pid in a daemon's pid file, or None while the file is missing or not yet written."""
+    try:
+        words = pidfile.read_text().split()
+    except FileNotFoundError:
+        return None
+    return int(words[0]) if words and words[0].isdigit() else None
+
+
 def _wait(pred, timeout: float, what: str, period: float = 0.25) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -352,10 +363,12 @@ if __name__ == "__main__":
         print(f"cluster up; use: export SLURM_CONF={c.conf}")
     elif sys.argv[1:2] == ["down"]:
         for pidfile in state.glob("slurm*.pid"):
-            try:
-                os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
-            except (ProcessLookupError, ValueError):
-                pass
+            pid = _read_pid(pidfile)
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         print("stopped")
     else:
         print(__doc__)
