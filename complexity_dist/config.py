@@ -193,6 +193,9 @@ class TrainConfig:
     # model.linear_backend=torch: complexity_dist/parallel/fp8.py) | delayed (amax history; te only:
     # complexity_dist/parallel/te_backend.py)
     fp8: str = "none"
+    # with train.fp8=current and model.linear_backend=torch: the experts' grouped GEMMs in FP8 too (H100/H200;
+    # complexity_dist/parallel/fp8.py)
+    fp8_experts: bool = False
     eval_every: int = 0  # steps between validation-loss evaluations (and at the last step); 0 = never
     eval_batches: int = 10  # global batches of held-out samples per evaluation (the same samples every time)
     # one run per run_dir, enforced by rank 0 holding <run_dir>/.lock (flock); false only for a file system

@@ -68,20 +68,20 @@ def test_grouped_kernel_path_logic_on_cpu():
     case is in tests/gpu/test_gpu_experts.py)."""
     ids = [2, 0, 1, 2, 2, 0, 3, 1, 1, 3, 0, 2, 3]
     inputs = make(len(ids), 16, 8, 4, torch.float32, ids)
-    got = values_and_grads(experts._grouped_kernel_experts, *inputs)
+    got = values_and_grads(experts.grouped_gemm_experts, *inputs)
     want = values_and_grads(per_token_reference, *inputs)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
     # forward with empty groups (experts 1 and 3 idle) is fine on CPU too
     x, expert, gate_up, down = make(6, 16, 8, 4, torch.float32, [2, 0, 2, 0, 0, 2])
     with torch.no_grad():
-        torch.testing.assert_close(experts._grouped_kernel_experts(x, expert, gate_up, down),
+        torch.testing.assert_close(experts.grouped_gemm_experts(x, expert, gate_up, down),
                                    per_token_reference(x, expert, gate_up, down), **TOL[torch.float32])
 
 
 def test_path_choice_needs_no_gpu():
     x, _, gate_up, down = make(8, 16, 8, 4, torch.bfloat16)
-    assert not experts._use_grouped_kernel(x, gate_up, down)  # CPU tensors: the pure-torch path
+    assert not experts.use_grouped_kernel(x, gate_up, down)  # CPU tensors: the pure-torch path
 
 
 def test_compiles_to_one_graph_whatever_the_routing():
@@ -138,7 +138,7 @@ def test_compiled_backward_never_makes_the_token_dimension_contiguous(mode, monk
     x, expert, gate_up, down = make(len(ids), 16, 8, 4, torch.bfloat16, ids)  # what compiled code accepts
 
     def layer(x, expert, gate_up, down):  # elementwise work around the experts, as in a decoder layer
-        return experts._grouped_kernel_experts(F.rms_norm(x, (x.shape[-1],)), expert, gate_up, down) * 2 + x
+        return experts.grouped_gemm_experts(F.rms_norm(x, (x.shape[-1],)), expert, gate_up, down) * 2 + x
 
     torch._dynamo.reset()
     compiled = torch.compile(lambda *a: run_checkpointed(mode, layer, *a), fullgraph=True)

@@ -18,6 +18,7 @@ MODES = ("none", "selective", "full")
 # loaded, e.g. the functional collectives, need no import here).
 SAVED_OPS = frozenset({
     "aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::_scaled_mm",
+    "complexity_dist::fp8_grouped_mm",  # the FP8 experts' GEMM (complexity_dist/parallel/fp8.py)
     "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
     # out-of-place collectives: saving them also spares the communication in backward. The in-place ones

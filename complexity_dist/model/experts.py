@@ -42,7 +42,7 @@ def _row_aligned(w: torch.Tensor) -> bool:
     return rows_ok and w.storage_offset() % _GROUPED_ALIGN == 0
 
 
-def _use_grouped_kernel(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+def use_grouped_kernel(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """Chosen from device, dtypes and static shapes only, so the choice needs no host sync and guards nothing
     that changes from step to step."""
     E, H, two_i = gate_up.shape
@@ -52,19 +52,63 @@ def _use_grouped_kernel(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tens
             and _has_grouped_kernel(x.device.index or 0))
 
 
-class _PermuteRows(torch.autograd.Function):
-    """rows[perm] whose backward is the gather grad[inverse]: a permutation's adjoint is its inverse, so
-    neither direction needs an index_copy/index_add (scatter) kernel."""
+class _GatherRows(torch.autograd.Function):
+    """out[i] = rows[index[i]], or 0 where `keep` (if given) is False. `index` maps the kept rows of the output
+    one to one onto rows of the input, and (adjoint, adjoint_keep) is the same map the other way round, so the
+    backward is a gather too: no index_copy/index_add (scatter) kernel in either direction."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return rows.index_select(0, perm)
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, keep: torch.Tensor | None,
+                adjoint: torch.Tensor, adjoint_keep: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(adjoint, adjoint_keep)
+        return _gather_rows(rows, index, keep)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+        adjoint, adjoint_keep = ctx.saved_tensors
+        return _gather_rows(grad, adjoint, adjoint_keep), None, None, None, None
+
+
+def _gather_rows(rows: torch.Tensor, index: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    out = rows.index_select(0, index)
+    return out if keep is None else torch.where(keep.unsqueeze(1), out, 0)
+
+
+def padded_rows(tokens: int, num_experts: int, row_align: int) -> int:
+    """Rows of the grouped layout when every expert's group starts on a multiple of `row_align`: a bound
+    known from shapes alone (each group wastes fewer than row_align rows)."""
+    if row_align == 1:
+        return tokens
+    return -(-(tokens + (row_align - 1) * num_experts) // row_align) * row_align
+
+
+def row_plan(expert: torch.Tensor, num_experts: int, row_align: int = 1
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Where each token goes for the grouped GEMMs: sorted by expert, expert e's group in rows
+    offs[e-1]..offs[e] (empty groups repeat an offset), each group starting on a multiple of `row_align`
+    (the rows in between are zero; the last group also takes the spare rows at the end, so every row belongs
+    to a group). Device tensors only, no host sync. Returns (token of each row [R], whether a row holds a
+    token [R] or None when row_align is 1, row of each token [T], int32 group ends [E])."""
+    T, device = expert.shape[0], expert.device
+    sorted_expert, order = torch.sort(expert, stable=True)
+    # end of each expert's group = number of tokens routed to an expert <= e
+    ends = torch.searchsorted(sorted_expert, torch.arange(num_experts, device=device, dtype=sorted_expert.dtype),
+                              right=True)
+    positions = torch.arange(T, device=device)
+    if row_align == 1:
+        return order, None, torch.empty_like(order).scatter_(0, order, positions), ends.to(torch.int32)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    padded = (counts + row_align - 1) // row_align * row_align
+    padded_ends = padded.cumsum(0)
+    R = padded_rows(T, num_experts, row_align)
+    # sorted token i (expert e) moves from its unpadded place to the same place in e's padded group
+    sorted_row = positions + ((padded_ends - padded) - (ends - counts))[sorted_expert]
+    token_row = torch.empty_like(order).scatter_(0, order, sorted_row)
+    row_token = torch.zeros(R, dtype=order.dtype, device=device).scatter_(0, sorted_row, order)
+    row_keep = torch.zeros(R, dtype=torch.bool, device=device).scatter_(
+        0, sorted_row, torch.ones(T, dtype=torch.bool, device=device))
+    offs = torch.cat([padded_ends[:-1], padded_ends.new_full((1,), R)]).to(torch.int32)
+    return row_token, row_keep, token_row, offs
 
 
 @torch.library.custom_op("complexity_dist::grouped_mm_backward", mutates_args=())
@@ -100,22 +144,19 @@ class _GroupedGemm(torch.autograd.Function):
         return *_grouped_mm_backward(rows, weight, grad, offs), None
 
 
-def _grouped_kernel_experts(x: torch.Tensor, expert: torch.Tensor, gate_up: torch.Tensor,
-                            down: torch.Tensor) -> torch.Tensor:
-    """One sort, then one grouped GEMM per projection; group ends stay on the device (int32 offsets)."""
-    E, T = gate_up.shape[0], x.shape[0]
+def grouped_gemm_experts(x: torch.Tensor, expert: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                         gemm=_GroupedGemm.apply, row_align: int = 1) -> torch.Tensor:
+    """One sort, then one grouped GEMM per projection; group ends stay on the device (int32 offsets).
+    `gemm(rows [R, K], weight [E, K, N], offs) -> [R, N]` and the groups' row alignment are what the FP8 path
+    (complexity_dist/parallel/fp8.py) changes."""
     # a view with a misaligned start (e.g. inside a flat ZeRO buffer) would break the kernel's TMA loads
     gate_up = gate_up if _row_aligned(gate_up) else gate_up.clone(memory_format=torch.contiguous_format)
     down = down if _row_aligned(down) else down.clone(memory_format=torch.contiguous_format)
-    sorted_expert, order = torch.sort(expert, stable=True)
-    # end of each expert's group = number of tokens routed to an expert <= e (empty groups repeat an offset)
-    offs = torch.searchsorted(sorted_expert, torch.arange(E, device=x.device, dtype=sorted_expert.dtype),
-                              right=True, out_int32=True)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T, device=x.device))
-    x_sorted = _PermuteRows.apply(x, order, inverse)
-    gate, up = _GroupedGemm.apply(x_sorted, gate_up, offs).chunk(2, dim=-1)
-    out_sorted = _GroupedGemm.apply(F.silu(gate) * up, down, offs)
-    return _PermuteRows.apply(out_sorted, inverse, order)
+    row_token, row_keep, token_row, offs = row_plan(expert, gate_up.shape[0], row_align)
+    rows = _GatherRows.apply(x, row_token, row_keep, token_row, None)
+    gate, up = gemm(rows, gate_up, offs).chunk(2, dim=-1)
+    out_rows = gemm(F.silu(gate) * up, down, offs)
+    return _GatherRows.apply(out_rows, token_row, None, row_token, row_keep)
 
 
 def _padded_block_experts(x: torch.Tensor, expert: torch.Tensor, gate_up: torch.Tensor,
@@ -150,12 +191,16 @@ def grouped_expert_forward(x: torch.Tensor, expert: torch.Tensor, gate_up: torch
     No host sync and no data-dependent Python control flow on either path, so torch.compile traces it once
     (fullgraph) whatever the routing. bf16 on sm90/sm100 with aligned H and I: torch's grouped GEMM;
     otherwise (CPU, fp32, other GPUs, odd sizes) padded per-expert blocks through bmm."""
-    if _use_grouped_kernel(x, gate_up, down):
-        return _grouped_kernel_experts(x, expert, gate_up, down)
+    if use_grouped_kernel(x, gate_up, down):
+        return grouped_gemm_experts(x, expert, gate_up, down)
     return _padded_block_experts(x, expert, gate_up, down)
 
 
 class TokenRoutedMLP(nn.Module):
+    # the grouped expert computation (x [T, H], expert [T], gate_up, down) -> [T, H]; FP8 replaces it on the
+    # instance (complexity_dist/parallel/fp8.py), under every layout
+    expert_forward = staticmethod(grouped_expert_forward)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
@@ -176,7 +221,7 @@ class TokenRoutedMLP(nn.Module):
         """x: [T, H] tokens, expert: [T] their routed expert -> [T, H]. The seam where a parallel layout
         plugs in (complexity_dist.parallel wraps or replaces it on the instance: tensor parallel reduces the
         partial sums of sharded experts, expert parallel sends tokens to the rank that holds their expert)."""
-        return grouped_expert_forward(x, expert, self.gate_up_proj, self.down_proj)
+        return self.expert_forward(x, expert, self.gate_up_proj, self.down_proj)
 
     def forward(self, m: torch.Tensor, token_ids: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         shape = m.shape

@@ -4,7 +4,7 @@
 (r, r+ep, r+2ep, ... in that order) and replaces the instance's `compute_experts` (the seam in
 complexity_dist/model/experts.py): tokens are sorted by destination rank, travel by an autograd-aware
 all-to-all (comm.all_to_all; its backward sends the gradients back), run through the local experts with
-the model's own `grouped_expert_forward`, and travel back into their original order.
+the module's own `expert_forward` (bf16 or FP8 grouped GEMMs), and travel back into their original order.
 
 The all-to-all needs, on every rank, how many rows each rank sends it: a small all-to-all of counts and a
 host sync. The base route is token_id % E, so the plan (sort order + split sizes) of the base route is
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from complexity_dist.model.experts import TokenRoutedMLP, grouped_expert_forward
+from complexity_dist.model.experts import TokenRoutedMLP
 from complexity_dist.parallel.comm import all_to_all, group_rank, group_size
 
 EXPERT_GROUP_NAME = "ep_size_{ep}"  # DeepSpeed's own naming of expert groups (deepspeed/moe/layer.py)
@@ -137,7 +137,7 @@ def _expert_parallel_compute(self: TokenRoutedMLP, x: torch.Tensor, expert: torc
             dist.all_reduce(moved, group=group)  # every rank must take the same branch: split sizes must match
         plan = cache.base_plan(self._ep_token_ids, E, group) if int(moved) == 0 else cache.build(expert, E, group)
     received = all_to_all(x.index_select(0, plan.order), group, plan.send_splits, plan.recv_splits)
-    y = grouped_expert_forward(received, plan.recv_local, self.gate_up_proj, self.down_proj)
+    y = self.expert_forward(received, plan.recv_local, self.gate_up_proj, self.down_proj)
     if received.requires_grad and not y.requires_grad:
         # nothing received: keep the return all-to-all in the graph, or this rank would skip its backward
         # collective while the others wait for it

@@ -14,7 +14,7 @@ every rank) and applies, in this order:
 4. with model.linear_backend=te, hands the (sharded) dense projections to Transformer Engine's Linear and, with
    train.fp8, runs the decoder under FP8 autocast (complexity_dist/parallel/te_backend.py);
 5. with model.linear_backend=torch and train.fp8=current, runs the large (sharded) projections as FP8 GEMMs
-   (complexity_dist/parallel/fp8.py).
+   and, with train.fp8_experts, the experts' grouped GEMMs too (complexity_dist/parallel/fp8.py).
 
 It returns a `Parallelized` record that the engine and the checkpointer need: the expert group name (the
 optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weights on one rank.
@@ -25,7 +25,8 @@ parallel with ZeRO 0, expert parallel with ZeRO 3, and the model.linear_backend 
 the layout or on this machine (te on CPU or without Transformer Engine; te with train.fp8 for now, as its GPU
 check was inconclusive; FP8 on a GPU without it or with sizes not divisible by 16; te's FP8 with activation
 checkpointing; te with selective activation checkpointing; megatron with tp=1, sequence parallel, pipeline
-parallel, train.compile or train.fp8; train.fp8=delayed without te, train.fp8 with the TP comm overlap).
+parallel, train.compile or train.fp8; train.fp8=delayed without te, train.fp8 with the TP comm overlap;
+FP8 experts without train.fp8=current and the torch backend, or on a GPU other than sm90).
 
 What combines, each proven equal to one process through the trainer (tests/test_parallel_train.py,
 tests/test_parallel_zero3.py, tests/test_pipeline_train.py): TP (+SP) and EP with ZeRO 1 and 2, TP x EP (+SP:
@@ -115,6 +116,10 @@ def linear_backend_problems(cfg: Config) -> list[str]:
     elif cfg.train.fp8 != "none":
         problems.append(f"train.fp8={cfg.train.fp8} runs with model.linear_backend=torch (our FP8 GEMMs) or te "
                         f"(Transformer Engine's), not {backend!r}; set one of those or train.fp8=none")
+    if cfg.train.fp8_experts and (cfg.train.fp8 == "none" or backend != "torch"):
+        problems.append(f"train.fp8_experts=true runs the experts with our FP8 grouped GEMMs, which come with "
+                        f"train.fp8=current and model.linear_backend=torch (not train.fp8={cfg.train.fp8}, "
+                        f"model.linear_backend={backend}); set those, or train.fp8_experts=false")
     if backend == "megatron":
         if p.tp == 1:
             problems.append("model.linear_backend=megatron replaces the tensor-parallel linears and needs "
@@ -167,7 +172,27 @@ def _torch_fp8_problems(cfg: Config) -> list[str]:
         major, minor = torch.cuda.get_device_capability()
         problems.append(f"train.fp8={fp8}: this GPU (compute capability {major}.{minor}) has no FP8 GEMMs (8.9+: "
                         f"H100, H200, L40S); set train.fp8=none")
+    if cfg.train.fp8_experts:
+        problems += _fp8_expert_problems(cfg)
     return problems + _fp8_size_problems(cfg)
+
+
+def _fp8_expert_problems(cfg: Config) -> list[str]:
+    """FP8 experts run torch's FP8 grouped GEMM (torch._scaled_grouped_mm): sm90 only, every operand row
+    16-byte aligned (the expert width on this rank divisible by 16; the hidden size: _fp8_size_problems)."""
+    problems = []
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
+        major, minor = torch.cuda.get_device_capability()
+        problems.append(f"train.fp8_experts=true: torch's FP8 grouped GEMM runs on compute capability 9.0 (H100, "
+                        f"H200), not {major}.{minor}; set train.fp8_experts=false (the experts stay bf16)")
+    p, width = cfg.parallel, cfg.model.expert_intermediate_size
+    if p.tp > 1 and p.expert_tensor_parallel:
+        width //= p.tp
+    if width % 16:
+        problems.append(f"train.fp8_experts=true: FP8 grouped GEMMs need the expert intermediate size on each "
+                        f"rank ({width}) divisible by 16; change model.intermediate_size or set "
+                        f"train.fp8_experts=false")
+    return problems
 
 
 def _te_problems(cfg: Config) -> list[str]:
@@ -259,9 +284,9 @@ def _apply_fp8(model: nn.Module, cfg: Config) -> None:
     """train.fp8 with model.linear_backend=torch: the large projections (already laid out) become FP8 GEMMs."""
     if cfg.train.fp8 == "none" or cfg.model.linear_backend != "torch":
         return
-    from complexity_dist.parallel.fp8 import apply_fp8_linears
+    from complexity_dist.parallel.fp8 import apply_fp8
 
-    apply_fp8_linears(model)
+    apply_fp8(model, experts=cfg.train.fp8_experts)
 
 
 # --- gathering the full model on one rank (tests, debugging) -------------------------------------------

@@ -71,7 +71,7 @@ def rel_err(a, b):
 def test_grouped_path_matches_fp32_reference(routing):
     params, expert, weight = make(routing)
     if torch.cuda.get_device_capability()[0] in (9, 10):
-        assert experts._use_grouped_kernel(params[0], params[1], params[2]), "grouped kernel not chosen on sm90"
+        assert experts.use_grouped_kernel(params[0], params[1], params[2]), "grouped kernel not chosen on sm90"
     got = fwd_bwd(grouped_expert_forward, params, expert, weight)
     ref = fwd_bwd(fp32_reference, [p.detach().float().requires_grad_() for p in params], expert, weight.float())
     old = fwd_bwd(loop_baseline, params, expert, weight)
