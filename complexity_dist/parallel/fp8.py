@@ -5,9 +5,11 @@ Applied from outside, like a layout (complexity_dist/parallel/parallelize.py), a
 
     attention q/k/v + mu_to_q/k/v   the stacked [n, mu_prev] GEMM (the attention's `linear` seam)
     attention o_proj, dynamics mu_proj   the module's class becomes Fp8Linear (same Parameters, names, hooks)
+    experts (train.fp8_experts)       gate_up and down as FP8 grouped GEMMs (the experts' `expert_forward`)
 
 Left in bf16: the dynamics controller (its GEMMs have 64 output or input features: FP8 measured no faster at
-K=64 or N=192 on an H200), the experts (grouped GEMMs), the embedding, the tied lm_head and the loss, the norms.
+K=64 or N=192 on an H200), the experts unless train.fp8_experts, the embedding, the tied lm_head and the loss,
+the norms.
 
 Numerics (the HYBRID format, as Transformer Engine's): forward operands in E4M3 (max 448), the output gradient
 in E5M2 (max 57344); each operand is scaled so that its largest magnitude lands on the format's largest value,
@@ -19,7 +21,8 @@ Written in plain torch ops around `torch._scaled_mm`, so `train.compile` traces 
 reductions and casts into the neighbouring elementwise kernels. Under tensor parallel each rank scales its own
 shard (the GEMMs are local; the plan's hooks keep the communication). `torch._scaled_mm` needs an FP8-capable
 GPU (compute capability 8.9+: H100, H200, L40S) and every GEMM dimension divisible by 16; the CPU build runs it
-too (tests).
+too (tests). The experts' `torch._scaled_grouped_mm` runs on sm90 (H100, H200) only; on CPU its reference runs
+instead (the product of the dequantized operands, tests/test_fp8_experts.py).
 """
 from __future__ import annotations
 
