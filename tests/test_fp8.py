@@ -7,10 +7,13 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from complexity_dist.config import ConfigError, load_config
 from complexity_dist.model import ComplexityForCausalLM
-from complexity_dist.parallel.fp8 import FORWARD_DTYPE, GRAD_DTYPE, Fp8Linear, fp8_linear, scaled_fp8
+from complexity_dist.model.experts import grouped_expert_forward
+from complexity_dist.parallel.fp8 import (FORWARD_DTYPE, GRAD_DTYPE, Fp8Linear, fp8_expert_forward, fp8_linear,
+                                          scaled_fp8)
 from complexity_dist.parallel.parallelize import check_parallelize, parallelize
 from test_train import dataset, metrics, run, train_cmd  # noqa: F401 (dataset: a fixture)
 
@@ -54,8 +57,9 @@ def test_fp8_linear_is_the_product_of_its_fp8_operands(compiled):
     assert ((out.detach() - exact).norm() / exact.norm()).item() < 0.05
 
 
-def test_model_runs_its_large_projections_in_fp8_and_every_parameter_trains():
-    cfg = load_config("configs/tiny.yaml", ["train.fp8=current"])
+@pytest.mark.parametrize("experts", [False, True], ids=["dense", "with_experts"])
+def test_model_runs_its_large_projections_in_fp8_and_every_parameter_trains(experts):
+    cfg = load_config("configs/tiny.yaml", ["train.fp8=current", f"train.fp8_experts={str(experts).lower()}"])
     torch.manual_seed(0)
     ref = ComplexityForCausalLM(cfg.model)
     model = copy.deepcopy(ref)
@@ -66,6 +70,8 @@ def test_model_runs_its_large_projections_in_fp8_and_every_parameter_trains():
         assert type(layer.self_attn.o_proj) is Fp8Linear and type(layer.dynamics.mu_proj) is Fp8Linear
         # the dynamics controller (64 features wide) stays a plain bf16 GEMM
         assert type(layer.dynamics.controller_in) is nn.Linear and type(layer.dynamics.controller_out) is nn.Linear
+        # train.fp8_experts: the experts' grouped GEMMs in FP8 (tests/test_fp8_experts.py), else bf16
+        assert layer.mlp.expert_forward is (fp8_expert_forward if experts else grouped_expert_forward)
     ids = torch.randint(0, cfg.model.vocab_size, (2, 65))
     losses = {}
     for name, m in (("ref", ref), ("fp8", model)):
@@ -80,20 +86,40 @@ def test_model_runs_its_large_projections_in_fp8_and_every_parameter_trains():
             assert rel < 0.35, (name, rel.item())  # FP8's rounding through 6 layers, not a missing term
 
 
+class CountOps(TorchDispatchMode):
+    def __init__(self, name):
+        super().__init__()
+        self.name, self.count = name, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func._schema.name == self.name
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("experts", [False, True], ids=["dense", "with_experts"])
 @pytest.mark.parametrize("mode", ["selective", "full"])
-def test_activation_checkpointing_recomputes_the_same_fp8_forward(mode):
-    """The recompute repeats the scaling from the same tensors: loss and gradients equal, bit for bit."""
-    cfg = load_config("configs/tiny.yaml", ["train.fp8=current", "model.num_hidden_layers=2"])
+def test_activation_checkpointing_recomputes_the_same_fp8_forward(mode, experts):
+    """The recompute repeats the scaling from the same tensors: loss and gradients equal, bit for bit. And
+    `selective` keeps the FP8 experts' grouped GEMM outputs: their backward runs only the gradient GEMMs,
+    `full`'s the forward ones again too."""
+    cfg = load_config("configs/tiny.yaml", ["train.fp8=current", f"train.fp8_experts={str(experts).lower()}",
+                                            "model.num_hidden_layers=2"])
     torch.manual_seed(0)
     plain = ComplexityForCausalLM(cfg.model)
     parallelize(plain, cfg, None)
     checkpointed = copy.deepcopy(plain)
     checkpointed.model.activation_checkpointing = mode
     ids = torch.randint(0, cfg.model.vocab_size, (2, 33))
+    grouped_gemms = []
     for m in (plain, checkpointed):
-        m(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
+        loss = m(ids[:, :-1], targets=ids[:, 1:]).loss
+        with CountOps("complexity_dist::fp8_grouped_mm") as ops:
+            loss.backward()
+        grouped_gemms.append(ops.count)
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         assert torch.equal(a.grad, b.grad), name
+    per_layers = 2 * cfg.model.num_hidden_layers if experts else 0  # gate_up and down
+    assert grouped_gemms == [per_layers, per_layers * (2 if mode == "full" else 1)]
 
 
 def test_refusals_name_the_setting():

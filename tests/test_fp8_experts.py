@@ -3,21 +3,17 @@
 torch's FP8 grouped GEMM (`torch._scaled_grouped_mm`) is CUDA-only; on CPU the op runs its reference (the
 product of the dequantized operands). So here: the padded row plan, the FP8 numerics against an independent
 product of dequantized operands, the CUDA calls' operands checked by torch's own shape/layout rules on meta
-tensors at the 1.5b shapes, the model, activation checkpointing and compile. The kernel against the reference
-on the GPU: tests/gpu/test_gpu_fp8.py. Trainer runs and layouts: tests/test_fp8.py."""
-import copy
-
+tensors at the 1.5b shapes, and compile. The model, activation checkpointing, trainer runs and layouts:
+tests/test_fp8.py. The kernel against the reference on the GPU: tests/gpu/test_gpu_fp8.py."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from complexity_dist.config import ConfigError, load_config
-from complexity_dist.model import ComplexityForCausalLM
 from complexity_dist.model.experts import grouped_expert_forward, grouped_gemm_experts, padded_rows, row_plan
 from complexity_dist.parallel import fp8
 from complexity_dist.parallel.fp8 import EXPERT_ROW_ALIGN, FORWARD_DTYPE, fp8_expert_forward, scaled_fp8
-from complexity_dist.parallel.parallelize import check_parallelize, parallelize
-from test_grouped_experts import CASES, make, per_token_reference, values_and_grads
+from complexity_dist.parallel.parallelize import check_parallelize
+from test_grouped_experts import CASES, compiled_counting_graphs, make, per_token_reference, values_and_grads
 
 
 def group_of_rows(offs, rows):
@@ -108,14 +104,7 @@ def test_fp8_experts_follow_the_bf16_experts_and_compile_to_one_graph():
     """The whole expert block (both projections, SwiGLU, the row plan) within FP8's error of the plain
     experts, and compiled: one graph for every routing, no graph break (fullgraph), the eager values."""
     T, H, I, E = 40, 32, 16, 4
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fp8_expert_forward, backend=counting_backend, fullgraph=True)
+    compiled, graphs = compiled_counting_graphs(fp8_expert_forward)
     for ids in [[t % E for t in range(T)], [t % 2 for t in range(T)], [3] * T]:
         inputs = make(T, H, I, E, torch.float32, ids)
         got = values_and_grads(fp8_expert_forward, *inputs)
@@ -154,62 +143,6 @@ def test_the_kernel_calls_pass_torchs_own_checks_at_the_1_5b_shapes(tp):
 
 def tiny(*overrides):
     return load_config("configs/tiny.yaml", ["train.fp8=current", "train.fp8_experts=true", *overrides])
-
-
-def test_model_runs_its_experts_in_fp8_and_every_parameter_trains():
-    cfg = tiny()
-    torch.manual_seed(0)
-    ref = ComplexityForCausalLM(cfg.model)
-    model = copy.deepcopy(ref)
-    parallelize(model, cfg, None)
-    assert all(layer.mlp.expert_forward is fp8_expert_forward for layer in model.model.layers)
-    assert model.state_dict().keys() == ref.state_dict().keys()
-    ids = torch.randint(0, cfg.model.vocab_size, (2, 65))
-    losses = {}
-    for name, m in (("ref", ref), ("fp8", model)):
-        losses[name] = m(ids[:, :-1], targets=ids[:, 1:]).loss
-        losses[name].backward()
-    torch.testing.assert_close(losses["fp8"], losses["ref"], rtol=1e-2, atol=0)
-    ref_grads = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        if ref_grads[name].grad.norm() > 0:
-            rel = (p.grad - ref_grads[name].grad).norm() / ref_grads[name].grad.norm()
-            assert rel < 0.35, (name, rel.item())
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self, name):
-        super().__init__()
-        self.name, self.count = name, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func._schema.name == self.name
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("mode", ["selective", "full"])
-def test_activation_checkpointing_with_fp8_experts(mode):
-    """The recompute repeats the same FP8 forward (gradients bit for bit), and `selective` keeps the grouped
-    GEMMs' outputs: the backward runs only the gradient GEMMs, `full` the forward ones again too."""
-    cfg = tiny("model.num_hidden_layers=2")
-    torch.manual_seed(0)
-    plain = ComplexityForCausalLM(cfg.model)
-    parallelize(plain, cfg, None)
-    checkpointed = copy.deepcopy(plain)
-    checkpointed.model.activation_checkpointing = mode
-    ids = torch.randint(0, cfg.model.vocab_size, (2, 33))
-    counts = []
-    for m in (plain, checkpointed):
-        loss = m(ids[:, :-1], targets=ids[:, 1:]).loss
-        with CountOps("complexity_dist::fp8_grouped_mm") as ops:
-            loss.backward()
-        counts.append(ops.count)
-    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
-        assert torch.equal(a.grad, b.grad), name
-    layers = cfg.model.num_hidden_layers
-    assert counts[0] == 2 * layers  # d rows of gate_up and of down
-    assert counts[1] == counts[0] + (2 * layers if mode == "full" else 0)
 
 
 def test_refusals_name_the_setting():

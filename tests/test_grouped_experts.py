@@ -84,9 +84,8 @@ def test_path_choice_needs_no_gpu():
     assert not experts.use_grouped_kernel(x, gate_up, down)  # CPU tensors: the pure-torch path
 
 
-def test_compiles_to_one_graph_whatever_the_routing():
-    """fullgraph=True fails on a graph break (the old `.tolist()` of the counts and the per-expert `if`),
-    and a second routing, with an expert left empty, must reuse the first graph (no recompile)."""
+def compiled_counting_graphs(fn):
+    """(torch.compile(fn, fullgraph=True) that runs each graph as traced, the list of graphs it traced)."""
     graphs = []
 
     def counting_backend(gm, example_inputs):
@@ -94,7 +93,13 @@ def test_compiles_to_one_graph_whatever_the_routing():
         return gm.forward
 
     torch._dynamo.reset()
-    compiled = torch.compile(grouped_expert_forward, backend=counting_backend, fullgraph=True)
+    return torch.compile(fn, backend=counting_backend, fullgraph=True), graphs
+
+
+def test_compiles_to_one_graph_whatever_the_routing():
+    """fullgraph=True fails on a graph break (the old `.tolist()` of the counts and the per-expert `if`),
+    and a second routing, with an expert left empty, must reuse the first graph (no recompile)."""
+    compiled, graphs = compiled_counting_graphs(grouped_expert_forward)
     T, H, I, E = 24, 8, 6, 4
     for ids in [[t % E for t in range(T)], [t % 2 for t in range(T)], [3] * T]:
         inputs = make(T, H, I, E, torch.float32, ids)
