@@ -62,7 +62,7 @@ def test_flat_and_roundtrip():
     assert isinstance(Config().validate(), Config)
 
 
-# --- issue 10: range checks and bad inputs, each one clear line and exit 2 from every CLI path -------------
+# --- range checks and bad inputs, each one clear line and exit 2 from every CLI path -------------
 
 def _one_clear_line(capsys, *needles) -> str:
     err = capsys.readouterr().err

@@ -1,6 +1,6 @@
 """The data package treats its inputs as untrusted: index.json cannot point outside its folder, prepare-data
 streams however its input is shaped, shards cannot feed ids past the embedding, and interrupted runs are
-cleaned up. (Issue 10, data items.)"""
+cleaned up."""
 import json
 import os
 import re

@@ -1,5 +1,5 @@
-"""Issue 7 foundations: the layout is validated in one place before any process group exists; megatron-core's
-groups equal the Layout's rank arithmetic; DeepSpeed accepts our `mpu`; `info` prints per-rank counts.
+"""Parallel layout foundations: the layout is validated in one place before any process group exists;
+megatron-core's groups equal the Layout's rank arithmetic; DeepSpeed accepts our `mpu`; `info` prints per-rank counts.
 
 One `torch.multiprocessing.spawn` of 4 gloo processes checks every layout's groups and then the DeepSpeed
 engines (test_groups_and_deepspeed_mpu_on_four_processes)."""

@@ -1,4 +1,4 @@
-"""Model parallelism in the training loop (issue 7), proven equal to one process: `complexity-dist train` under
+"""Model parallelism in the training loop, proven equal to one process: `complexity-dist train` under
 torchrun with gloo on CPU, a tiny fp32 model, against a 1-process run on the same global batch.
 
 Every launch writes its full weights (gathered from the shards by rank 0) at the start and after every step

@@ -1,4 +1,4 @@
-"""Tensor parallel under ZeRO 3, and expert x data parallel on 4 processes (issue 7), proven equal to one
+"""Tensor parallel under ZeRO 3, and expert x data parallel on 4 processes, proven equal to one
 process through `complexity-dist train` under torchrun with gloo on CPU (the method of
 tests/test_parallel_train.py: full weights dumped by rank 0 at the start and after every step).
 

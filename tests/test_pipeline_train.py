@@ -1,4 +1,4 @@
-"""Pipeline parallelism in the training loop (issue 7 item 4), proven equal to one process: `complexity-dist
+"""Pipeline parallelism in the training loop, proven equal to one process: `complexity-dist
 train` under torchrun with gloo on CPU, DeepSpeed's PipelineEngine (1F1B), the tiny 2-layer fp32 model split
 into 2 stages, against a 1-process run on the same global batch.
 

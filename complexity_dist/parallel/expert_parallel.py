@@ -1,4 +1,4 @@
-"""Expert parallelism by token id (issue 7, item 3): expert e lives on rank e mod ep of the EP group.
+"""Expert parallelism by token id: expert e lives on rank e mod ep of the EP group.
 
 `apply_expert_parallel(model, ep_group)` keeps, in every TokenRoutedMLP, only this rank's experts
 (r, r+ep, r+2ep, ... in that order) and replaces the instance's `compute_experts` (the seam in
