@@ -195,9 +195,9 @@ class _Fp8GroupedGemm(torch.autograd.Function):
 
 def fp8_expert_forward(x: torch.Tensor, expert: torch.Tensor, gate_up: torch.Tensor,
                        down: torch.Tensor) -> torch.Tensor:
-    """grouped_expert_forward (complexity_dist/model/experts.py) with both grouped GEMMs in FP8. Where torch's
-    bf16 grouped kernel would not run (another GPU, other dtypes; the config check refuses those up front)
-    and for an empty batch: the bf16 experts."""
+    """grouped_expert_forward (complexity_dist/model/experts.py) with both grouped GEMMs in FP8. On a GPU where
+    torch's grouped kernels do not run (refused up front by the config check), with parameters that are not
+    bf16 (train.precision=fp32) and for an empty batch: the plain experts."""
     if x.shape[0] == 0 or (x.is_cuda and not use_grouped_kernel(x, gate_up, down)):
         return grouped_expert_forward(x, expert, gate_up, down)
     return grouped_gemm_experts(x, expert, gate_up, down, gemm=_Fp8GroupedGemm.apply, row_align=EXPERT_ROW_ALIGN)
