@@ -135,16 +135,6 @@ def test_layout_arithmetic_and_stage_split():
 
 # --- 3. info per rank --------------------------------------------------------------------------------------
 
-def test_whole_experts_are_refused_under_pipeline_parallel():
-    from complexity_dist.parallel.parallelize import check_parallelize
-
-    whole = ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.expert_tensor_parallel=false",
-             "parallel.zero_stage=1"]
-    check_parallelize(load_config(TINY, whole))
-    with pytest.raises(ConfigError, match="parallel.pp=2 with parallel.expert_tensor_parallel=false is not done"):
-        check_parallelize(load_config(TINY, [*whole, "parallel.pp=2"]))
-
-
 def test_info_prints_per_rank_counts_that_sum_to_the_total(capsys):
     from complexity_dist.model.accounting import model_counts, rank_parameter_counts
 

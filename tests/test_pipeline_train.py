@@ -9,6 +9,8 @@ into 2 stages, against a 1-process run on the same global batch.
                                                                         per-layer pipeline checkpoint
     tp2pp2     4 processes: TP2 x PP2, ZeRO 1, micro_batch 1, preempted at 3 and resumed: parity before and
                after the resume, weights unchanged by save and load
+    tp2pp2_sp_etp1  4 processes: TP2 + SP x PP2 with whole experts on each TP rank (3 steps): parity, and
+               its checkpoint reads back
 
 Weights are dumped (COMPLEXITY_DIST_DUMP_WEIGHTS: rank 0 gathers every stage's parameters under the
 single-process names) at the start and after every step. mu_router straight_through and weight decay 0, so a
@@ -37,10 +39,13 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     launch(root, "pp2_split", dataset, *PP2, dump="w_resumed")
     assert launch(root, "tp2pp2", dataset, *PP2, "parallel.tp=2", nproc=4, env=preempt, check=False).returncode != 0
     launch(root, "tp2pp2", dataset, *PP2, "parallel.tp=2", nproc=4, dump="w_resumed")
+    # whole experts: each stage's layers slice the ids they are handed (the stages never run the model's forward)
+    launch(root, "tp2pp2_sp_etp1", dataset, *PP2, "parallel.tp=2", "parallel.sequence_parallel=true",
+           "parallel.expert_tensor_parallel=false", "train.steps=3", nproc=4)
     return root
 
 
-@pytest.mark.parametrize("name", ["pp2", "pp2_compiled", "tp2pp2"])
+@pytest.mark.parametrize("name", ["pp2", "pp2_compiled", "tp2pp2", "tp2pp2_sp_etp1"])
 def test_pipeline_equals_one_process(runs, name):
     got, want = metrics(runs / name)[:3], metrics(runs / "ref")[:3]
     assert [r["step"] for r in got] == [1, 2, 3]
@@ -91,19 +96,22 @@ def test_tensor_x_pipeline_resume(runs):
         torch.testing.assert_close(final[k], ref_final[k], **WEIGHT_TOL, msg=lambda m: f"{k}: {m}")
 
 
-def test_the_tensor_x_pipeline_checkpoint_reads_back(runs):
+@pytest.mark.parametrize("name", ["tp2pp2", "tp2pp2_sp_etp1"])
+def test_the_tensor_x_pipeline_checkpoint_reads_back(runs, name):
     """The reader of `convert to-hf` and of resharding (complexity_dist/convert/reader.py) assembles each parameter
     from the files of the stage and tensor-parallel ranks that hold it: the run's gathered weights, bit for bit
-    (PP2 alone, exported and resumed: tests/test_reshard_pipeline.py)."""
+    (PP2 alone, exported and resumed: tests/test_reshard_pipeline.py). With whole experts, those come whole."""
     from complexity_dist.convert.reader import CheckpointReader, find_checkpoint
 
-    reader = CheckpointReader(find_checkpoint(runs / "tp2pp2/checkpoints/step_00000003"))
-    want = weights(runs, "tp2pp2", 3)
+    reader = CheckpointReader(find_checkpoint(runs / name / "checkpoints/step_00000003"))
+    want = weights(runs, name, 3)
     names = [k for k in want if k != "lm_head.weight"]  # tied: the embedding
     sharded = [k for k in names if reader.plan.pieces[k][0] != reader.plan.shapes[k]]
     assert len(sharded) > 10 and "model.layers.1.self_attn.q_proj.weight" in sharded  # both stages' shards
-    for name, value in reader.read(names):
-        assert torch.equal(value, want[name]), name
+    experts_sharded = any(k.endswith("gate_up_proj") for k in sharded)
+    assert experts_sharded == (name == "tp2pp2"), name
+    for key, value in reader.read(names):
+        assert torch.equal(value, want[key]), key
 
 
 def test_a_damaged_pipeline_checkpoint_is_found(runs, tmp_path):

@@ -66,10 +66,6 @@ def check_parallelize(cfg: Config) -> None:
         if p.ep > 1:
             problems.append(f"parallel.pp={p.pp} with parallel.ep={p.ep}: expert parallel inside pipeline stages "
                             f"is not done yet; set parallel.ep=1 (pp combines with tp and data parallelism)")
-        if not p.expert_tensor_parallel and p.tp > 1:
-            # the ids slice is cut by a pre-hook on the whole model, whose forward pipeline stages never call
-            problems.append(f"parallel.pp={p.pp} with parallel.expert_tensor_parallel=false is not done yet; "
-                            f"set parallel.expert_tensor_parallel=true (experts split over tp) or parallel.pp=1")
         if cfg.model.linear_backend != "torch":
             problems.append(f"parallel.pp={p.pp} with model.linear_backend={cfg.model.linear_backend!r} is not "
                             f"verified; set model.linear_backend=torch")

@@ -394,7 +394,6 @@ def apply_tensor_parallel(model: nn.Module, tp_group, sequence_parallel: bool = 
 
     if not expert_tp:
         local_ids = _LocalTokenIds(tp, r)
-        model.register_forward_pre_hook(local_ids.cut, with_kwargs=True)
     for layer in model.model.layers:
         attn = layer.self_attn
         names = [("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads),
@@ -503,20 +502,20 @@ def _tp_experts(mlp, group, sequence_parallel: bool):
 
 
 class _LocalTokenIds:
-    """This rank's sequence slice of the micro-batch's token ids for whole experts, cut once per forward (a
-    pre-hook on the model) so that every layer hands the same tensor to routing and to expert parallel, whose
-    plan cache and speculative check know a micro-batch by that tensor's identity."""
+    """This rank's sequence slice of the micro-batch's token ids for whole experts, cut once per micro-batch:
+    every layer gets the same ids tensor from the model (or from its pipeline stage), so the slice is kept
+    until another ids tensor comes, and every layer hands the same slice tensor to routing and to expert
+    parallel, whose plan cache and speculative check know a micro-batch by that tensor's identity."""
 
     def __init__(self, tp: int, rank: int):
         self.tp, self.rank = tp, rank
+        self.full: torch.Tensor | None = None  # holding it keeps its identity from being reused
         self.ids: torch.Tensor | None = None
 
-    def cut(self, model, args, kwargs):
-        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
-        self.ids = ids.chunk(self.tp, dim=1)[self.rank]
-
     def routing_inputs(self, mlp, args):
-        m, _full_ids, *rest = args
+        m, full_ids, *rest = args
+        if full_ids is not self.full:
+            self.full, self.ids = full_ids, full_ids.chunk(self.tp, dim=1)[self.rank]
         return (m, self.ids, *rest)
 
 
