@@ -18,9 +18,16 @@ from complexity_dist.parallel.parallelize import check_parallelize, parallelize
 from test_train import dataset, metrics, run, train_cmd  # noqa: F401 (dataset: a fixture)
 
 
-def dequantized(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    q, inv = scaled_fp8(t, dtype)
-    return q.float() * inv
+def dequantized(t: torch.Tensor, dtype: torch.dtype, per_group: bool = False) -> torch.Tensor:
+    q, inv = scaled_fp8(t, dtype, per_group=per_group)
+    return q.float() * (inv.view(-1, *[1] * (t.dim() - 1)) if per_group else inv)
+
+
+def refused(*overrides) -> str:
+    """The ConfigError message check_parallelize gives the tiny config with these overrides."""
+    with pytest.raises(ConfigError) as e:
+        check_parallelize(load_config("configs/tiny.yaml", list(overrides)))
+    return str(e.value)
 
 
 def test_scaling_puts_the_largest_magnitude_on_the_formats_largest_value():
@@ -123,10 +130,6 @@ def test_activation_checkpointing_recomputes_the_same_fp8_forward(mode, experts)
 
 
 def test_refusals_name_the_setting():
-    def refused(*overrides):
-        with pytest.raises(ConfigError) as e:
-            check_parallelize(load_config("configs/tiny.yaml", list(overrides)))
-        return str(e.value)
     assert "use train.fp8=current" in refused("train.fp8=delayed")
     assert "model.linear_backend=torch (our FP8 GEMMs) or te" in refused(
         "train.fp8=current", "model.linear_backend=megatron", "parallel.tp=2", "parallel.zero_stage=1")

@@ -8,11 +8,12 @@ tests/test_fp8.py. The kernel against the reference on the GPU: tests/gpu/test_g
 import pytest
 import torch
 
-from complexity_dist.config import ConfigError, load_config
+from complexity_dist.config import load_config
 from complexity_dist.model.experts import grouped_expert_forward, grouped_gemm_experts, padded_rows, row_plan
 from complexity_dist.parallel import fp8
-from complexity_dist.parallel.fp8 import EXPERT_ROW_ALIGN, FORWARD_DTYPE, fp8_expert_forward, scaled_fp8
+from complexity_dist.parallel.fp8 import EXPERT_ROW_ALIGN, FORWARD_DTYPE, fp8_expert_forward
 from complexity_dist.parallel.parallelize import check_parallelize
+from test_fp8 import dequantized, refused
 from test_grouped_experts import CASES, compiled_counting_graphs, make, per_token_reference, values_and_grads
 
 
@@ -65,11 +66,6 @@ def test_aligned_groups_give_exactly_the_per_token_result(case):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def dequantized(t, per_group=False):
-    q, inv = scaled_fp8(t, FORWARD_DTYPE, per_group=per_group)
-    return q.float() * (inv.view(-1, 1, 1) if per_group else inv)
-
-
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fp8_grouped_gemm_is_the_product_of_its_fp8_operands(compiled):
     """Forward: E4M3 rows (one scale) x E4M3 weights (one scale per expert); backward: the E4M3 output gradient
@@ -84,7 +80,8 @@ def test_fp8_grouped_gemm_is_the_product_of_its_fp8_operands(compiled):
     fn = torch.compile(fp8._Fp8GroupedGemm.apply, fullgraph=True) if compiled else fp8._Fp8GroupedGemm.apply
     out = fn(rows, weight, offs)
     out.backward(grad)
-    rq, wq, gq = dequantized(rows.detach()), dequantized(weight.detach(), per_group=True), dequantized(grad)
+    rq, wq = dequantized(rows.detach(), FORWARD_DTYPE), dequantized(weight.detach(), FORWARD_DTYPE, per_group=True)
+    gq = dequantized(grad, FORWARD_DTYPE)
     bounds = [(0, 16), (16, 16), (16, 64)]
     want = torch.cat([rq[a:b] @ wq[e] for e, (a, b) in enumerate(bounds)])
     want_rows = torch.cat([gq[a:b] @ wq[e].t() for e, (a, b) in enumerate(bounds)])
@@ -146,10 +143,6 @@ def tiny(*overrides):
 
 
 def test_refusals_name_the_setting():
-    def refused(*overrides):
-        with pytest.raises(ConfigError) as e:
-            check_parallelize(load_config("configs/tiny.yaml", list(overrides)))
-        return str(e.value)
     assert "train.fp8_experts=false" in refused("train.fp8_experts=true")
     assert "model.linear_backend=torch" in refused("train.fp8_experts=true")
     # tiny's experts are 176 wide: 88 per rank under TP2

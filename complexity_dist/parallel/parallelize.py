@@ -181,9 +181,8 @@ def _fp8_expert_problems(cfg: Config) -> list[str]:
         major, minor = torch.cuda.get_device_capability()
         problems.append(f"train.fp8_experts=true: torch's FP8 grouped GEMM runs on compute capability 9.0 (H100, "
                         f"H200), not {major}.{minor}; set train.fp8_experts=false (the experts stay bf16)")
-    p, width = cfg.parallel, cfg.model.expert_intermediate_size
-    if p.tp > 1 and p.expert_tensor_parallel:
-        width //= p.tp
+    p = cfg.parallel
+    width = cfg.model.expert_intermediate_size // (p.tp if p.expert_tensor_parallel else 1)
     if width % 16:
         problems.append(f"train.fp8_experts=true: FP8 grouped GEMMs need the expert intermediate size on each "
                         f"rank ({width}) divisible by 16; change model.intermediate_size or set "

@@ -35,12 +35,13 @@ def test_fp8_gemm_equals_its_dequantized_product(k, n):
     out.backward(g)
     xq, wq, gq = dequantized(x, FORWARD_DTYPE), dequantized(w, FORWARD_DTYPE), dequantized(g, GRAD_DTYPE)
     # bf16 outputs: one rounding of the fp32 product (the forward's fast accumulation adds a little)
-    torch.testing.assert_close(out.float(), xq @ wq.t(), rtol=2e-2, atol=2e-2 * (xq @ wq.t()).abs().max().item())
-    torch.testing.assert_close(x.grad.float(), gq @ wq, rtol=1e-2, atol=1e-2 * (gq @ wq).abs().max().item())
-    torch.testing.assert_close(w.grad.float(), gq.t() @ xq, rtol=1e-2, atol=1e-2 * (gq.t() @ xq).abs().max().item())
+    close_to(out, xq @ wq.t(), rtol=2e-2)
+    close_to(x.grad, gq @ wq, rtol=1e-2)
+    close_to(w.grad, gq.t() @ xq, rtol=1e-2)
 
 
 def close_to(got, want, rtol):
+    """Within rtol of want, elementwise and relative to want's largest magnitude."""
     torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=rtol * want.float().abs().max().item())
 
 
