@@ -129,9 +129,19 @@ def test_the_kernel_calls_pass_torchs_own_checks_at_the_1_5b_shapes(tp):
     per_expert = torch.empty(E, device="meta")
     for K, N in ((H, 2 * I), (I, H)):  # gate_up, down
         rows, weight, grad = fp8_tensor(R, K), fp8_tensor(E, K, N), fp8_tensor(R, N)
-        assert fp8._cuda_grouped_mm(rows, one, weight, per_expert, offs, True).shape == (R, N)
-        assert fp8._cuda_grouped_mm(grad, one, weight.transpose(-2, -1), per_expert, offs, False).shape == (R, K)
-        assert fp8._cuda_grouped_weight_grad(rows, one, grad, one, offs).shape == (E, K, N)
+        # the operands as the autograd function passes them
+        forward = fp8.grouped_mm_operands(rows, one, weight, per_expert)
+        assert fp8._cuda_grouped_mm(*forward, offs, True).shape == (R, N)
+        input_grad = fp8.grouped_mm_operands(grad, one, weight.transpose(-2, -1), per_expert)
+        assert fp8._cuda_grouped_mm(*input_grad, offs, False).shape == (R, K)
+        weight_grad = fp8.weight_grad_operands(rows, one, grad, one, E)
+        assert fp8._cuda_grouped_weight_grad(*weight_grad, offs).shape == (E, K, N)
+        # in the kernel's layouts already, so the kernels copy nothing more
+        assert forward[2].stride(-2) == 1 and input_grad[2].stride(-2) == 1 and weight_grad[2].stride(-2) == 1
+    # the saved weight serves the input gradient as it is (a view, no copy)
+    w = torch.randn(E, 32, 48).to(FORWARD_DTYPE)
+    assert fp8.grouped_mm_operands(w[0], torch.ones(()), w.transpose(-2, -1), torch.ones(E))[2].data_ptr() \
+        == w.data_ptr()
     # the checks have teeth: a row-major second operand is refused
     with pytest.raises(RuntimeError, match="column major"):
         torch._scaled_grouped_mm(fp8_tensor(R, H), fp8_tensor(E, H, 2 * I), torch.empty(R, device="meta"),

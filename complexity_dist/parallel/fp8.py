@@ -99,52 +99,65 @@ class Fp8Linear(nn.Linear):
 EXPERT_ROW_ALIGN = 16
 
 
-@torch.library.custom_op("complexity_dist::fp8_grouped_mm", mutates_args=())
-def fp8_grouped_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
-                   offs: torch.Tensor, fast_accum: bool) -> torch.Tensor:
-    """Rows offs[g-1]..offs[g] of a [M, K] times b[g] [K, N], for each group g, in bf16 [M, N]. a and b in
-    E4M3, a_inv one inverse scale, b_inv one per group. An opaque op, so the compiler cannot hand the kernel
-    operands in a layout it does not take (the layouts are fixed here, free when already right)."""
-    if a.device.type == "cuda":
-        return _cuda_grouped_mm(a, a_inv, b, b_inv, offs, fast_accum)
-    return _reference_grouped_mm(a, a_inv, b, b_inv, offs)
+# The two grouped GEMMs are ops of their own, opaque to the compiler: it cannot hand the kernel operands in a
+# layout it does not take. Defined on a plain torch.library.Library with one kernel per device (not
+# torch.library.custom_op, whose Python wrapping measured ~0.2 ms of host time per call on an H200: more than the
+# GEMM takes on the device at 1.5b sizes). Callers pass the operands exactly as the kernel takes them
+# (`grouped_mm_operands`, `weight_grad_operands`: plain torch ops, which the compiler fuses into the quantization
+# kernels); the CUDA kernels still fix a wrong layout themselves, at the price of a copy.
+_LIBRARY = torch.library.Library("complexity_dist", "FRAGMENT")
+_FIXED_LAYOUT = (torch.Tag.needs_fixed_stride_order,)  # the compiler keeps the traced strides of the operands
+_LIBRARY.define("fp8_grouped_mm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor offs, bool fast_accum)"
+                " -> Tensor", tags=_FIXED_LAYOUT)
+_LIBRARY.define("fp8_grouped_weight_grad(Tensor a_t, Tensor a_scale, Tensor g, Tensor g_scale, Tensor offs)"
+                " -> Tensor", tags=_FIXED_LAYOUT)
+fp8_grouped_mm = torch.ops.complexity_dist.fp8_grouped_mm.default
+"""Rows offs[g-1]..offs[g] of a [M, K] times b[g] [K, N], for each group g, in bf16 [M, N]. a row-major and b
+column-major, in E4M3; a_scale [M] one inverse scale per row of a, b_scale [G, N] one per group and column of b."""
+fp8_grouped_weight_grad = torch.ops.complexity_dist.fp8_grouped_weight_grad.default
+"""For each group g: a_t[:, rows of g] @ g[rows of g], in bf16 [G, K, N]: the weight gradient of
+fp8_grouped_mm. a_t [K, M] row-major, g [M, N] column-major, in E4M3; a_scale [G * K] one inverse scale per group
+and row of a_t, g_scale [G * N] one per group and column of g."""
 
 
-@fp8_grouped_mm.register_fake
-def _(a, a_inv, b, b_inv, offs, fast_accum):
+def grouped_mm_operands(a8: torch.Tensor, a_inv: torch.Tensor, b8: torch.Tensor, b_inv: torch.Tensor):
+    """fp8_grouped_mm's a, a_scale, b, b_scale from a [M, K] with one inverse scale and b [G, K, N] with one per
+    group (scaled_fp8's outputs)."""
+    G, N = b8.shape[0], b8.shape[-1]
+    return (a8.contiguous(), a_inv.expand(a8.shape[0]).contiguous(), _col_major(b8),
+            b_inv.unsqueeze(1).expand(G, N).contiguous())
+
+
+def weight_grad_operands(a8: torch.Tensor, a_inv: torch.Tensor, g8: torch.Tensor, g_inv: torch.Tensor,
+                         groups: int):
+    """fp8_grouped_weight_grad's a_t, a_scale, g, g_scale from a [M, K] and g [M, N], one inverse scale each."""
+    return (a8.t().contiguous(), a_inv.expand(groups * a8.shape[1]).contiguous(), _col_major(g8),
+            g_inv.expand(groups * g8.shape[1]).contiguous())
+
+
+@torch.library.register_fake("complexity_dist::fp8_grouped_mm")
+def _(a, a_scale, b, b_scale, offs, fast_accum):
     return a.new_empty(a.shape[0], b.shape[-1], dtype=torch.bfloat16)
 
 
-@torch.library.custom_op("complexity_dist::fp8_grouped_weight_grad", mutates_args=())
-def fp8_grouped_weight_grad(a: torch.Tensor, a_inv: torch.Tensor, g: torch.Tensor, g_inv: torch.Tensor,
-                            offs: torch.Tensor) -> torch.Tensor:
-    """For each group: a[rows of g]^T @ g[rows of g], in bf16 [G, K, N] (a [M, K], g [M, N] in E4M3, one
-    inverse scale each): the weight gradient of fp8_grouped_mm."""
-    if a.device.type == "cuda":
-        return _cuda_grouped_weight_grad(a, a_inv, g, g_inv, offs)
-    return _reference_grouped_weight_grad(a, a_inv, g, g_inv, offs)
+@torch.library.register_fake("complexity_dist::fp8_grouped_weight_grad")
+def _(a_t, a_scale, g, g_scale, offs):
+    return a_t.new_empty(offs.shape[0], a_t.shape[0], g.shape[1], dtype=torch.bfloat16)
 
 
-@fp8_grouped_weight_grad.register_fake
-def _(a, a_inv, g, g_inv, offs):
-    return a.new_empty(offs.shape[0], a.shape[1], g.shape[1], dtype=torch.bfloat16)
+def _cuda_grouped_mm(a, a_scale, b, b_scale, offs, fast_accum):
+    """torch._scaled_grouped_mm, 2d x 3d (sm90)."""
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    b = b if b.stride(-2) == 1 else _col_major(b)
+    return torch._scaled_grouped_mm(a, b, a_scale, b_scale, offs=offs, out_dtype=torch.bfloat16,
+                                    use_fast_accum=fast_accum)
 
 
-def _cuda_grouped_mm(a, a_inv, b, b_inv, offs, fast_accum):
-    """torch._scaled_grouped_mm (sm90): a row-major, b column-major, scales per row of a and per group and
-    column of b (ours are constant along those: one per tensor, one per expert)."""
-    M, G, N = a.shape[0], b.shape[0], b.shape[-1]
-    return torch._scaled_grouped_mm(a.contiguous(), _col_major(b), a_inv.expand(M).contiguous(),
-                                    b_inv.unsqueeze(1).expand(G, N).contiguous(), offs=offs,
-                                    out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
-
-
-def _cuda_grouped_weight_grad(a, a_inv, g, g_inv, offs):
-    """The op's 2d x 2d form: groups along the contraction (the rows); a^T row-major [K, M], g column-major
-    [M, N], scales per group and row of a^T / per group and column of g."""
-    K, N, G = a.shape[1], g.shape[1], offs.shape[0]
-    return torch._scaled_grouped_mm(a.t().contiguous(), _col_major(g), a_inv.expand(G * K).contiguous(),
-                                    g_inv.expand(G * N).contiguous(), offs=offs, out_dtype=torch.bfloat16)
+def _cuda_grouped_weight_grad(a_t, a_scale, g, g_scale, offs):
+    """torch._scaled_grouped_mm, 2d x 2d: the groups run along the contraction (the rows of g)."""
+    a_t = a_t if a_t.stride(-1) == 1 else a_t.contiguous()
+    g = g if g.stride(-2) == 1 else _col_major(g)
+    return torch._scaled_grouped_mm(a_t, g, a_scale, g_scale, offs=offs, out_dtype=torch.bfloat16)
 
 
 def _row_groups(offs: torch.Tensor, rows: int) -> torch.Tensor:
@@ -152,20 +165,28 @@ def _row_groups(offs: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.searchsorted(offs, torch.arange(rows, device=offs.device, dtype=offs.dtype), right=True)
 
 
-def _reference_grouped_mm(a, a_inv, b, b_inv, offs):
+def _reference_grouped_mm(a, a_scale, b, b_scale, offs, fast_accum=False):
     """What the kernel computes, from the dequantized operands in fp32 (CPU; the kernel is CUDA-only). No
     host sync: every group's product is taken over all rows and masked."""
-    group, a32 = _row_groups(offs, a.shape[0]), a.float() * a_inv
+    group, a32 = _row_groups(offs, a.shape[0]), a.float() * a_scale.unsqueeze(1)
     out = a32.new_zeros(a.shape[0], b.shape[-1])
     for e in range(b.shape[0]):
-        out = torch.where((group == e).unsqueeze(1), a32 @ (b[e].float() * b_inv[e]), out)
+        out = torch.where((group == e).unsqueeze(1), a32 @ (b[e].float() * b_scale[e]), out)
     return out.to(torch.bfloat16)
 
 
-def _reference_grouped_weight_grad(a, a_inv, g, g_inv, offs):
-    group, a32, g32 = _row_groups(offs, a.shape[0]), a.float() * a_inv, g.float() * g_inv
-    return torch.stack([(a32 * (group == e).unsqueeze(1)).t() @ g32 for e in range(offs.shape[0])]
+def _reference_grouped_weight_grad(a_t, a_scale, g, g_scale, offs):
+    G, K, N = offs.shape[0], a_t.shape[0], g.shape[1]
+    group, a_scale, g_scale = _row_groups(offs, g.shape[0]), a_scale.view(G, K, 1), g_scale.view(G, N)
+    a32, g32 = a_t.float(), g.float()
+    return torch.stack([(a32 * (group == e) * a_scale[e]) @ (g32 * g_scale[e]) for e in range(G)]
                        ).to(torch.bfloat16)
+
+
+_LIBRARY.impl("fp8_grouped_mm", _cuda_grouped_mm, "CUDA")
+_LIBRARY.impl("fp8_grouped_mm", _reference_grouped_mm, "CPU")
+_LIBRARY.impl("fp8_grouped_weight_grad", _cuda_grouped_weight_grad, "CUDA")
+_LIBRARY.impl("fp8_grouped_weight_grad", _reference_grouped_weight_grad, "CPU")
 
 
 class _Fp8GroupedGemm(torch.autograd.Function):
@@ -179,7 +200,7 @@ class _Fp8GroupedGemm(torch.autograd.Function):
         w8, w_inv = scaled_fp8(weight, FORWARD_DTYPE, per_group=True)
         ctx.save_for_backward(r8, r_inv, w8, w_inv, offs)
         ctx.rows_dtype, ctx.weight_dtype = rows.dtype, weight.dtype
-        return fp8_grouped_mm(r8, r_inv, w8, w_inv, offs, True).to(rows.dtype)
+        return fp8_grouped_mm(*grouped_mm_operands(r8, r_inv, w8, w_inv), offs, True).to(rows.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -187,9 +208,11 @@ class _Fp8GroupedGemm(torch.autograd.Function):
         g8, g_inv = scaled_fp8(grad, FORWARD_DTYPE)
         grad_rows = grad_weight = None
         if ctx.needs_input_grad[0]:  # [R, N] @ weight[g]^T [N, K]
-            grad_rows = fp8_grouped_mm(g8, g_inv, w8.transpose(-2, -1), w_inv, offs, False).to(ctx.rows_dtype)
+            grad_rows = fp8_grouped_mm(*grouped_mm_operands(g8, g_inv, w8.transpose(-2, -1), w_inv), offs,
+                                       False).to(ctx.rows_dtype)
         if ctx.needs_input_grad[1]:  # rows of g: [K, R_g] @ [R_g, N]
-            grad_weight = fp8_grouped_weight_grad(r8, r_inv, g8, g_inv, offs).to(ctx.weight_dtype)
+            grad_weight = fp8_grouped_weight_grad(*weight_grad_operands(r8, r_inv, g8, g_inv, offs.shape[0]),
+                                                  offs).to(ctx.weight_dtype)
         return grad_rows, grad_weight, None
 
 

@@ -64,13 +64,16 @@ def test_fp8_grouped_kernel_equals_its_reference(tp):
     for K, N in ((H, 2 * I), (I, H)):
         (rows, r_inv), (weight, w_inv), (grad, g_inv) = quantized(R, K), quantized(E, K, N, per_group=True), \
             quantized(R, N)
+        forward = fp8.grouped_mm_operands(rows, r_inv, weight, w_inv)
         for fast_accum in (True, False):
-            close_to(fp8._cuda_grouped_mm(rows, r_inv, weight, w_inv, offs, fast_accum),
-                     fp8._reference_grouped_mm(rows, r_inv, weight, w_inv, offs), rtol=1e-2)
-        close_to(fp8._cuda_grouped_mm(grad, g_inv, weight.transpose(-2, -1), w_inv, offs, False),
-                 fp8._reference_grouped_mm(grad, g_inv, weight.transpose(-2, -1), w_inv, offs), rtol=1e-2)
-        weight_grad = fp8._cuda_grouped_weight_grad(rows, r_inv, grad, g_inv, offs)
-        close_to(weight_grad, fp8._reference_grouped_weight_grad(rows, r_inv, grad, g_inv, offs), rtol=1e-2)
+            close_to(fp8._cuda_grouped_mm(*forward, offs, fast_accum), fp8._reference_grouped_mm(*forward, offs),
+                     rtol=1e-2)
+        input_grad = fp8.grouped_mm_operands(grad, g_inv, weight.transpose(-2, -1), w_inv)
+        close_to(fp8._cuda_grouped_mm(*input_grad, offs, False), fp8._reference_grouped_mm(*input_grad, offs),
+                 rtol=1e-2)
+        operands = fp8.weight_grad_operands(rows, r_inv, grad, g_inv, E)
+        weight_grad = fp8._cuda_grouped_weight_grad(*operands, offs)
+        close_to(weight_grad, fp8._reference_grouped_weight_grad(*operands, offs), rtol=1e-2)
         assert (offs[1] == offs[0]).item() and weight_grad[1].abs().max() == 0
 
 
