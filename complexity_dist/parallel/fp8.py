@@ -166,8 +166,9 @@ def _row_groups(offs: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _reference_grouped_mm(a, a_scale, b, b_scale, offs, fast_accum=False):
-    """What the kernel computes, from the dequantized operands in fp32 (CPU; the kernel is CUDA-only). No
-    host sync: every group's product is taken over all rows and masked."""
+    """What the kernel computes, from the dequantized operands in fp32 (CPU; the kernel is CUDA-only), always
+    with exact accumulation (fast_accum is the kernel's option). No host sync: every group's product is taken
+    over all rows and masked."""
     group, a32 = _row_groups(offs, a.shape[0]), a.float() * a_scale.unsqueeze(1)
     out = a32.new_zeros(a.shape[0], b.shape[-1])
     for e in range(b.shape[0]):
