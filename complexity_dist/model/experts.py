@@ -100,13 +100,21 @@ def row_plan(expert: torch.Tensor, num_experts: int, row_align: int = 1
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
     padded = (counts + row_align - 1) // row_align * row_align
     padded_ends = padded.cumsum(0)
+    padded_starts, starts = padded_ends - padded, ends - counts
     R = padded_rows(T, num_experts, row_align)
     # sorted token i (expert e) moves from its unpadded place to the same place in e's padded group
-    sorted_row = positions + ((padded_ends - padded) - (ends - counts))[sorted_expert]
-    token_row = torch.empty_like(order).scatter_(0, order, sorted_row)
-    row_token = torch.zeros(R, dtype=order.dtype, device=device).scatter_(0, sorted_row, order)
-    row_keep = torch.zeros(R, dtype=torch.bool, device=device).scatter_(
-        0, sorted_row, torch.ones(T, dtype=torch.bool, device=device))
+    token_row = torch.empty_like(order).scatter_(0, order, positions + (padded_starts - starts)[sorted_expert])
+    # and back by gathers only, no scatter into the padded rows: with scatters there (row_token, row_keep),
+    # torch 2.11's per-layer compile on CUDA gave the FP8 experts exactly zero gradients where eager's were
+    # right, the signature of inductor's known scatter-then-read miscompiles; the bf16 path (row_align 1) never
+    # had them. Row r of group e holds sorted token starts[e] + (r - padded_starts[e]) while that place is within
+    # e's count; the spare rows past the last group count as the last expert's, and are empty.
+    rows = torch.arange(R, device=device)
+    row_group = torch.searchsorted(padded_ends, rows, right=True).clamp_(max=num_experts - 1)
+    place = rows - padded_starts[row_group]
+    row_keep = place < counts[row_group]
+    sorted_index = torch.where(row_keep, starts[row_group] + place, T)  # T: the appended 0, a row not kept
+    row_token = torch.cat([order, order.new_zeros(1)]).index_select(0, sorted_index)
     offs = torch.cat([padded_ends[:-1], padded_ends.new_full((1,), R)]).to(torch.int32)
     return row_token, row_keep, token_row, offs
 
