@@ -164,7 +164,7 @@ class ComplexityForCausalLM(nn.Module):
         logits = logits.to(compute_dtype(logits.dtype))  # fp32 under bf16; fp64 stays fp64 in tests
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, mode: str = "default") -> None:
         """torch.compile each decoder layer in place (per-block, as torchtitan does): most of a layer's
         time in eager mode is elementwise work (norms, INL dynamics, SwiGLU) that the compiler fuses."""
         # the one side effect in a layer's forward is TokenRoutedMLP.routed_override_frac (a metric): dynamo
@@ -172,7 +172,7 @@ class ComplexityForCausalLM(nn.Module):
         # for the whole layer; not replaying it in the recompute loses nothing (it would write the same value)
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         for layer in self.model.layers:
-            layer.compile()
+            layer.compile(mode=None if mode == "default" else mode)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)

@@ -134,7 +134,7 @@ def bench_complexity(cfg: Config, env, bf16: bool, steps: int, warmup: int,
     model.model.activation_checkpointing = cfg.train.activation_checkpointing
     parallelize(model, cfg, None)  # one GPU: only model.linear_backend / train.fp8 apply
     if cfg.train.compile:
-        model.compile_layers()
+        model.compile_layers(cfg.train.compile_mode)
     engine = build_engine(model.to(env.device), cfg, env.layout, bf16)
     result = time_engine("complexity (ours)", engine, cfg, env.layout,
                          flops_per_token(cfg.model, cfg.data.seq_len), count_parameters(model), steps, warmup,

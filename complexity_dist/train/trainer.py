@@ -98,7 +98,7 @@ class Trainer:
         # the layout (tensor/sequence/expert parallel) applied to the plain model, before compile and engine
         self.plan = parallelize(model, cfg, env.groups)
         if cfg.train.compile:
-            model.compile_layers()
+            model.compile_layers(cfg.train.compile_mode)
         self.pipeline = env.layout.pp > 1
         self.full_model, self._pipe_batches = model, None
         if self.pipeline:
