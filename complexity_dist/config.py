@@ -174,6 +174,11 @@ class OptimConfig:
         _require(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
 
 
+# torch.compile modes offered for the layers (train.compile_mode); max-autotune (Triton GEMM templates and CUDA
+# graphs together) is left out: our GEMMs are cuBLAS/CUTLASS calls already near the GPU's peak
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/tiny"
@@ -460,11 +465,6 @@ def _raise_layout_problems(cfg: Config, world_size: int | None) -> None:
 
 
 # --- loading ---------------------------------------------------------------------------------------------
-
-# torch.compile modes offered for the layers (train.compile_mode); max-autotune (Triton GEMM templates and CUDA
-# graphs together) is left out: our GEMMs are cuBLAS/CUTLASS calls already near the GPU's peak
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
-
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
