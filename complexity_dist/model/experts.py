@@ -104,11 +104,9 @@ def row_plan(expert: torch.Tensor, num_experts: int, row_align: int = 1
     R = padded_rows(T, num_experts, row_align)
     # sorted token i (expert e) moves from its unpadded place to the same place in e's padded group
     token_row = torch.empty_like(order).scatter_(0, order, positions + (padded_starts - starts)[sorted_expert])
-    # and back by gathers only, no scatter into the padded rows: with scatters there (row_token, row_keep),
-    # torch 2.11's per-layer compile on CUDA gave the FP8 experts exactly zero gradients where eager's were
-    # right, the signature of inductor's known scatter-then-read miscompiles; the bf16 path (row_align 1) never
-    # had them. Row r of group e holds sorted token starts[e] + (r - padded_starts[e]) while that place is within
-    # e's count; the spare rows past the last group count as the last expert's, and are empty.
+    # and back by gathers only (no scatter into a zeroed buffer that the same graph reads back): row r of group e
+    # holds sorted token starts[e] + (r - padded_starts[e]) while that place is within e's count; the spare rows
+    # past the last group count as the last expert's, and are empty.
     rows = torch.arange(R, device=device)
     row_group = torch.searchsorted(padded_ends, rows, right=True).clamp_(max=num_experts - 1)
     place = rows - padded_starts[row_group]

@@ -201,7 +201,11 @@ class _Fp8GroupedGemm(torch.autograd.Function):
         w8, w_inv = scaled_fp8(weight, FORWARD_DTYPE, per_group=True)
         ctx.save_for_backward(r8, r_inv, w8, w_inv, offs)
         ctx.rows_dtype, ctx.weight_dtype = rows.dtype, weight.dtype
-        return fp8_grouped_mm(*grouped_mm_operands(r8, r_inv, w8, w_inv), offs, True).to(rows.dtype)
+        # copy=True, a new tensor even where rows are bf16 already: without it, torch 2.11's compile on CUDA
+        # traced the joint graph with a zero gradient flowing into the second expert GEMM's backward (the op's
+        # own output returned, FP8 intermediates saved), so the experts and the norm before them got exactly zero gradients while eager was right. A copy of an op
+        # output costs nothing compiled: inductor fuses it into the next kernel (SwiGLU, the gather back)
+        return fp8_grouped_mm(*grouped_mm_operands(r8, r_inv, w8, w_inv), offs, True).to(rows.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -210,10 +214,10 @@ class _Fp8GroupedGemm(torch.autograd.Function):
         grad_rows = grad_weight = None
         if ctx.needs_input_grad[0]:  # [R, N] @ weight[g]^T [N, K]
             grad_rows = fp8_grouped_mm(*grouped_mm_operands(g8, g_inv, w8.transpose(-2, -1), w_inv), offs,
-                                       False).to(ctx.rows_dtype)
+                                       False).to(ctx.rows_dtype, copy=True)
         if ctx.needs_input_grad[1]:  # rows of g: [K, R_g] @ [R_g, N]
             grad_weight = fp8_grouped_weight_grad(*weight_grad_operands(r8, r_inv, g8, g_inv, offs.shape[0]),
-                                                  offs).to(ctx.weight_dtype)
+                                                  offs).to(ctx.weight_dtype, copy=True)
         return grad_rows, grad_weight, None
 
 

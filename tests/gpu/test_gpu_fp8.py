@@ -106,7 +106,8 @@ def test_fp8_experts_follow_the_bf16_experts():
 def test_compiled_layers_give_the_fp8_experts_their_gradients():
     """One step of the tiny preset with FP8 (experts too), per-layer compiled against eager: every parameter
     gets a gradient of the same size and direction. Torch 2.11's compile on CUDA once zeroed the experts' (and
-    post_attention_layernorm's) gradients here while eager was right (row_plan, complexity_dist/model/experts.py)."""
+    post_attention_layernorm's) gradients here while eager was right (_Fp8GroupedGemm.forward,
+    complexity_dist/parallel/fp8.py: it returned the grouped-GEMM op's own output)."""
     cfg = load_config("configs/tiny.yaml", [])
     torch.manual_seed(0)
     base = ComplexityForCausalLM(cfg.model).to(device="cuda", dtype=torch.bfloat16)
