@@ -174,9 +174,11 @@ class OptimConfig:
         _require(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
 
 
-# torch.compile modes offered for the layers (train.compile_mode); max-autotune (Triton GEMM templates and CUDA
-# graphs together) is left out: our GEMMs are cuBLAS/CUTLASS calls already near the GPU's peak
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+# torch.compile modes offered for the layers (train.compile_mode). Left out: max-autotune (Triton GEMM templates
+# and CUDA graphs together; our GEMMs are cuBLAS/CUTLASS calls already near the GPU's peak) and reduce-overhead
+# (CUDA graphs), which failed on an H200: a later layer's replay overwrote activations that the backward of the
+# per-layer compiled model still needed, with or without a cudagraph_mark_step_begin per micro-batch
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -195,8 +197,7 @@ class TrainConfig:
     activation_checkpointing: str = "none"
     compile: bool = False  # torch.compile each decoder layer (fuses the norm/dynamics/SwiGLU elementwise work)
     # torch.compile's mode for those layers (with train.compile): default | max-autotune-no-cudagraphs (autotuned
-    # Triton configs, longer compiles) | reduce-overhead (each layer's forward and backward replayed as CUDA graphs:
-    # fewer host launches; one GPU or data parallel with ZeRO 0-2 only)
+    # Triton configs, longer compiles)
     compile_mode: str = "default"
     # FP8 GEMMs of the projections: none | current (each tensor scaled by its own amax; with
     # model.linear_backend=torch: complexity_dist/parallel/fp8.py) | delayed (amax history; te only:
@@ -231,6 +232,10 @@ class TrainConfig:
             old = self.activation_checkpointing
             self.activation_checkpointing = _LEGACY_BOOLS["train.activation_checkpointing"][old]
         _choice("train.activation_checkpointing", self.activation_checkpointing, ("none", "selective", "full"))
+        _require(self.compile_mode != "reduce-overhead",
+                 "train.compile_mode=reduce-overhead (CUDA graphs) is not offered: with the per-layer compiled model "
+                 "a later layer's graph replay overwrote activations its backward still needed (H200); use "
+                 "train.compile_mode=default")
         _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         _require(self.compile or self.compile_mode == "default",
                  f"train.compile_mode={self.compile_mode} applies to compiled layers: set train.compile=true, or "
@@ -291,14 +296,6 @@ class Config:
                     f"use pp=1"] if p.pp > 1 else [])
             _require(not why, "model.kernels=triton is not supported with " + " and ".join(why) +
                      ", or set model.kernels=torch")
-        if self.train.compile_mode == "reduce-overhead":
-            # CUDA graphs replay fixed addresses and no host syncs: ZeRO 3 gathers parameters into new memory
-            # every forward, expert parallel sizes its all-to-all on the host, and the collectives of tp/pp
-            # inside captured graphs are not tried yet
-            why = (["parallel.zero_stage=3"] if p.zero_stage == 3 else []) + \
-                  [f"parallel.{k}={getattr(p, k)}" for k in ("tp", "pp", "ep") if getattr(p, k) > 1]
-            _require(not why, "train.compile_mode=reduce-overhead (CUDA graphs) is not supported with " +
-                     " and ".join(why) + "; use train.compile_mode=default or max-autotune-no-cudagraphs")
         _require(self.train.eval_every == 0 or bool(self.data.val_path) or self.data.val_shards > 0,
                  f"train.eval_every={self.train.eval_every} needs held-out data: set data.val_path to a folder "
                  f"made by `complexity-dist prepare-data`, or data.val_shards=N to hold out the last N shards")
