@@ -93,7 +93,7 @@ def _check_case(rank, group, override_layer, checkpointing, speculative=False):
 
 def _compiled_graphs(group, layers: int) -> int:
     """Graphs dynamo compiles for a speculative EP model of `layers` compiled layers (one forward and backward,
-    no override), after checking its loss against eager."""
+    no override), after checking its loss and gradients against eager."""
     from torch._dynamo.utils import counters
 
     cfg = load_config(None, tiny_overrides(**{"model.num_hidden_layers": layers}))
@@ -108,8 +108,16 @@ def _compiled_graphs(group, layers: int) -> int:
     ids = _batch(dist.get_rank())
     loss = compiled(ids, targets=ids).loss
     loss.backward()
-    torch.testing.assert_close(loss, eager(ids, targets=ids).loss, **TOL)
-    return counters["stats"]["unique_graphs"]
+    graphs = counters["stats"]["unique_graphs"]
+    want = eager(ids, targets=ids).loss
+    want.backward()
+    torch.testing.assert_close(loss, want, **TOL)
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    return graphs
 
 
 def _check_deepspeed_step(rank, group, expert_dp, stage):

@@ -201,10 +201,10 @@ class _Fp8GroupedGemm(torch.autograd.Function):
         w8, w_inv = scaled_fp8(weight, FORWARD_DTYPE, per_group=True)
         ctx.save_for_backward(r8, r_inv, w8, w_inv, offs)
         ctx.rows_dtype, ctx.weight_dtype = rows.dtype, weight.dtype
-        # copy=True, a new tensor even where rows are bf16 already: without it, torch 2.11's compile on CUDA
-        # traced the joint graph with a zero gradient flowing into the second expert GEMM's backward (the op's
-        # own output returned, FP8 intermediates saved), so the experts and the norm before them got exactly zero gradients while eager was right. A copy of an op
-        # output costs nothing compiled: inductor fuses it into the next kernel (SwiGLU, the gather back)
+        # copy=True, a new tensor even where rows are bf16 already: torch 2.11's compile lost the gradient of a
+        # Function output that is the op's own output tensor (pytorch issue 180642): the experts and the norm
+        # before them got exactly zero gradients while eager was right. Compiled, inductor fuses the copy into
+        # the next kernel (SwiGLU, the gather back)
         return fp8_grouped_mm(*grouped_mm_operands(r8, r_inv, w8, w_inv), offs, True).to(rows.dtype, copy=True)
 
     @staticmethod

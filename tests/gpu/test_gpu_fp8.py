@@ -105,7 +105,7 @@ def test_fp8_experts_follow_the_bf16_experts():
                     reason="torch's FP8 grouped GEMM runs on sm90")
 def test_compiled_layers_give_the_fp8_experts_their_gradients():
     """One step of the tiny preset with FP8 (experts too), per-layer compiled against eager: every parameter
-    gets a gradient of the same size and direction. Torch 2.11's compile on CUDA once zeroed the experts' (and
+    gets a gradient of the same size and direction. Torch 2.11's compile once zeroed the experts' (and
     post_attention_layernorm's) gradients here while eager was right (_Fp8GroupedGemm.forward,
     complexity_dist/parallel/fp8.py: it returned the grouped-GEMM op's own output)."""
     cfg = load_config("configs/tiny.yaml", [])

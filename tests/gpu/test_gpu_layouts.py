@@ -44,6 +44,12 @@ LAYOUTS = {
     "tp2_sp_te": ["parallel.tp=2", "parallel.sequence_parallel=true", "model.linear_backend=te"],
     "ep2": ["parallel.ep=2"],
     "pp2": ["parallel.pp=2"],
+    # compiled layers around the collectives' autograd Functions (complexity_dist/parallel/comm.py: torch 2.11
+    # lost their outputs' gradients when compiled); gradients are checked exactly on CPU (tests/test_tensor_parallel.py,
+    # tests/test_expert_parallel.py), this is the NCCL run of the same code
+    "tp2_sp_compiled": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2",
+                        "train.compile=true"],
+    "ep2_compiled": ["parallel.ep=2", "train.compile=true"],
 }
 
 
