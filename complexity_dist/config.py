@@ -290,8 +290,8 @@ class Config:
         _raise_layout_problems(self, world_size)
         p = self.parallel
         if self.model.kernels == "triton":
-            why = ([f"parallel.zero_stage=3 (ZeRO 3 gathers lm_head.weight inside lm_head's forward, which the "
-                    f"fused loss skips); use zero_stage 0-2"] if p.zero_stage == 3 else []) + \
+            why = (["parallel.zero_stage=3 (ZeRO 3 gathers lm_head.weight inside lm_head's forward, which the "
+                    "fused loss skips); use zero_stage 0-2"] if p.zero_stage == 3 else []) + \
                   ([f"parallel.pp={p.pp} (the last pipeline stage computes the full logits, then model.loss_fn); "
                     f"use pp=1"] if p.pp > 1 else [])
             _require(not why, "model.kernels=triton is not supported with " + " and ".join(why) +

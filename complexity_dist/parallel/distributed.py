@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from complexity_dist.config import Config, ConfigError, Layout
+from complexity_dist.config import Config, Layout
 from complexity_dist.parallel.groups import ParallelGroups, build_groups
 
 
