@@ -1,6 +1,6 @@
 """complexity_dist/parallel/comm.py on 2 gloo processes: each operator's forward and backward against its
-definition (the module docstring), computed here from every rank's input, which each rank can rebuild."""
-import functools
+definition (the module docstring), computed here from every rank's input, which each rank can rebuild; eager and
+compiled (torch 2.11's compile gave reduce_from, reduce_scatter_to and all_to_all zero input gradients)."""
 
 import pytest
 import torch
@@ -35,13 +35,22 @@ def forward_backward(op, rank, shape=(4, 6), **kw):
 
 
 def check(rank, group):
-    check_along_dims(rank, group, (4, 6), dims=(0, 1))
-    check_all_to_all(rank, group)
+    for compiled in (False, True):
+        check_along_dims(rank, group, (4, 6), dims=(0, 1), compiled=compiled)
+        check_all_to_all(rank, group, compiled=compiled)
 
 
-def check_along_dims(rank, group, shape, dims):
+def traced(op, compiled: bool):
+    """op, or op through torch.compile (aot_eager: the traced autograd graph, no kernels of its own, so the
+    values stay exact)."""
+    return torch.compile(op, backend="aot_eager", fullgraph=True) if compiled else op
+
+
+def check_along_dims(rank, group, shape, dims, compiled=False):
     xs = [x_of(r, shape) for r in range(WORLD)]
-    run = functools.partial(forward_backward, rank=rank, shape=shape)
+
+    def run(op, **kw):
+        return forward_backward(traced(op, compiled), rank=rank, shape=shape, **kw)
 
     # copy_to: identity forward, all-reduce (sum) backward
     y, gx = run(comm.copy_to, group=group)
@@ -74,6 +83,8 @@ def check_along_dims(rank, group, shape, dims):
         assert torch.equal(y, torch.cat(xs, dim=dim))
         assert torch.equal(gx, sum(g_of(r, y.shape) for r in range(WORLD)).chunk(WORLD, dim=dim)[rank])
 
+    if compiled:
+        return
     # a dimension that does not split over the ranks is refused with the sizes
     with pytest.raises(ValueError, match="dimension 1 of size 5 does not split over 2 ranks"):
         comm.scatter_to(torch.zeros(2, 5), group, dim=1)
@@ -81,7 +92,7 @@ def check_along_dims(rank, group, shape, dims):
         comm.reduce_scatter_to(torch.zeros(2, 5, device=DEVICE), group, dim=1)
 
 
-def check_all_to_all(rank, group):
+def check_all_to_all(rank, group, compiled=False):
 
     # all_to_all with uneven and empty splits: rank 0 sends 1 row to itself and 3 to rank 1, rank 1 sends 2 to
     # rank 0 and none to itself
@@ -89,13 +100,15 @@ def check_all_to_all(rank, group):
     recv = [[send[s][rank] for s in range(WORLD)] for rank in range(WORLD)]
     rows = [sum(send[r]) for r in range(WORLD)]
     x = x_of(rank)[:rows[rank]].clone().requires_grad_()
-    y = comm.all_to_all(x, group, send[rank], recv[rank])
+    y = traced(comm.all_to_all, compiled)(x, group, send[rank], recv[rank])
     parts = [x_of(s)[:rows[s]].split(send[s]) for s in range(WORLD)]
     assert torch.equal(y.detach(), torch.cat([parts[s][rank] for s in range(WORLD)]))
     # backward: each received row's gradient returns to the rank and row it came from
     y.backward(g_of(rank, y.shape))
     back = [g_of(dest, (sum(recv[dest]), 6)).split(recv[dest])[rank] for dest in range(WORLD)]
     assert torch.equal(x.grad, torch.cat(back))
+    if compiled:
+        return
     # integer rows (token ids) travel too
     ids = torch.arange(4, device=DEVICE) + 10 * rank
     got = comm.all_to_all(ids[:sum(send[rank])], group, send[rank], recv[rank])
