@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -25,6 +26,15 @@ def tiny_overrides(**extra) -> list[str]:
             "model.num_experts": 4, "data.seq_len": 16}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def assert_same_grads(model, reference, rtol=1e-4, atol=1e-6) -> None:
+    """Every parameter of `model` has the gradient of the same parameter of `reference` (None where it has None)."""
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.fixture

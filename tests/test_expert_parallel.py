@@ -9,7 +9,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port, tiny_overrides
+from conftest import assert_same_grads, free_port, tiny_overrides
 
 from complexity_dist.config import load_config
 from complexity_dist.model import ComplexityForCausalLM
@@ -112,11 +112,7 @@ def _compiled_graphs(group, layers: int) -> int:
     want = eager(ids, targets=ids).loss
     want.backward()
     torch.testing.assert_close(loss, want, **TOL)
-    for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
-        if q.grad is None:
-            assert p.grad is None, name
-        else:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert_same_grads(compiled, eager)
     return graphs
 
 

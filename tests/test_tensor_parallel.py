@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import tiny_overrides
+from conftest import assert_same_grads, tiny_overrides
 from spawn_util import spawn_gloo
 
 from complexity_dist.config import ConfigError, load_config
@@ -172,8 +172,7 @@ def compiled_layers_share_graphs(tp_group):
         want = eager(ids, targets=targets).loss
         want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
-    for (name, p), q in zip(tp.named_parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert_same_grads(tp, eager)
 
 
 def check(rank):
