@@ -1,6 +1,7 @@
 """The fused bf16 overflow check and clipping norm that build_engine gives DeepSpeed's ZeRO 1/2 optimizer
 (complexity_dist/parallel/deepspeed_engine.py `fuse_grad_checks`): the same answers as DeepSpeed's own
-per-tensor versions on the same gradients, and a non-finite gradient still skips the step on every rank.
+per-tensor versions on the same gradients, and a non-finite gradient still skips the step on every rank; and
+the rebind after the step that leaves parameters already in their flat buffer's slices alone.
 2 gloo processes, bf16, ZeRO 1 and 2, one spawn."""
 import math
 import os
@@ -11,7 +12,8 @@ from spawn_util import spawn_gloo
 
 from complexity_dist.config import Layout, load_config
 from complexity_dist.model import ComplexityForCausalLM
-from complexity_dist.parallel.deepspeed_engine import _any_nonfinite_grad, _grad_norm_fused, build_engine
+from complexity_dist.parallel.deepspeed_engine import (_any_nonfinite_grad, _grad_norm_fused,
+                                                       _rebind_bit16_params_if_moved, build_engine)
 
 WORLD = 2
 
@@ -31,6 +33,11 @@ def _backward(engine, rank: int, poison_rank: int | None):
     engine.backward(loss)
 
 
+def _aliases_flat_buffer(opt, param) -> bool:
+    return any(flat.data_ptr() <= param.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
+               for flat in opt.bit16_groups_flat)
+
+
 def _check(rank):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))  # what DeepSpeed reads
     for stage in (1, 2):
@@ -38,6 +45,7 @@ def _check(rank):
         opt = engine.optimizer
         assert opt.has_overflow_partitioned_grads_serial.__func__ is _any_nonfinite_grad
         assert opt.get_grad_norm_direct.__func__ is _grad_norm_fused
+        assert opt._update_model_bit16_weights.__func__ is _rebind_bit16_params_if_moved
         stock = type(opt).has_overflow_partitioned_grads_serial
         stock_norm = type(opt).get_grad_norm_direct
 
@@ -52,9 +60,24 @@ def _check(rank):
         assert all(w > 0 for w in want)
         torch.testing.assert_close(fused, want, rtol=1e-6, atol=0)  # fp32 sums against DeepSpeed's fp64
         before = [p.detach().clone() for p in engine.module.parameters()]
-        engine.step()
-        assert not opt.overflow and math.isfinite(engine.get_global_grad_norm())
-        assert any(not torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+        rebinds = []
+        stock_rebind = type(opt)._update_model_bit16_weights
+        type(opt)._update_model_bit16_weights = lambda self, i: (rebinds.append(i), stock_rebind(self, i))[1]
+        try:
+            engine.step()
+            assert not opt.overflow and math.isfinite(engine.get_global_grad_norm())
+            assert any(not torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+            # the step's updated weights reached the model without DeepSpeed's rebind: its parameters are
+            # still the slices of the flat buffers that the all-gather wrote
+            assert rebinds == []
+            assert all(_aliases_flat_buffer(opt, p) for p in engine.module.parameters())
+            # a parameter moved off its slice (as a load may do) is rebound, with its up-to-date value
+            moved = next(engine.module.parameters())
+            moved.data = torch.zeros_like(moved)
+            opt._update_model_bit16_weights(0)
+            assert rebinds == [0] and _aliases_flat_buffer(opt, moved) and moved.abs().sum() > 0
+        finally:
+            type(opt)._update_model_bit16_weights = stock_rebind
 
         # one infinity in one rank's partition: both checks see it there, the other rank's partition
         # is clean, and has_overflow (all-reduced) says overflow on both ranks
