@@ -11,7 +11,7 @@ BLOCK_V = 4096
 
 
 @triton.jit
-def _ce_row(logits_ptr, stride, targets_ptr, loss_ptr, scale_ptr, V, ignore_index, BLOCK_V: tl.constexpr):
+def triton_ce_row(logits_ptr, stride, targets_ptr, loss_ptr, scale_ptr, V, ignore_index, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
     t = tl.load(targets_ptr + row).to(tl.int64)
@@ -41,6 +41,6 @@ def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: torc
     rows, V = logits.shape
     assert logits.stride(1) == 1
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    _ce_row[(rows,)](logits, logits.stride(0), targets.contiguous(), loss, scale.to(torch.float32), V,
-                     ignore_index, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(V)), num_warps=8)
+    triton_ce_row[(rows,)](logits, logits.stride(0), targets.contiguous(), loss, scale.to(torch.float32), V,
+                           ignore_index, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(V)), num_warps=8)
     return loss.sum()

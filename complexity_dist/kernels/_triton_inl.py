@@ -32,8 +32,8 @@ def _load(c_ptr, a_ptr, v_ptr, mu_ptr, n, H, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _inl_fwd(c_ptr, a_ptr, v_ptr, mu_ptr, an_ptr, vn_ptr, n, H, dt, beta_max, v_clamp, threshold,
-             BLOCK: tl.constexpr):
+def triton_inl_fwd(c_ptr, a_ptr, v_ptr, mu_ptr, an_ptr, vn_ptr, n, H, dt, beta_max, v_clamp, threshold,
+                   BLOCK: tl.constexpr):
     offs, mask, cb, ca, cbeta, cg, a, v, mu = _load(c_ptr, a_ptr, v_ptr, mu_ptr, n, H, BLOCK)
     alpha = tl.sigmoid(ca)
     sp, _ = _softplus_sigmoid(cbeta, threshold)
@@ -47,8 +47,8 @@ def _inl_fwd(c_ptr, a_ptr, v_ptr, mu_ptr, an_ptr, vn_ptr, n, H, dt, beta_max, v_
 
 
 @triton.jit
-def _inl_bwd(c_ptr, a_ptr, v_ptr, mu_ptr, gan_ptr, gvn_ptr, gc_ptr, ga_ptr, gv_ptr, gmu_ptr,
-             n, H, dt, beta_max, v_clamp, threshold, BLOCK: tl.constexpr):
+def triton_inl_bwd(c_ptr, a_ptr, v_ptr, mu_ptr, gan_ptr, gvn_ptr, gc_ptr, ga_ptr, gv_ptr, gmu_ptr,
+                   n, H, dt, beta_max, v_clamp, threshold, BLOCK: tl.constexpr):
     offs, mask, cb, ca, cbeta, cg, a, v, mu = _load(c_ptr, a_ptr, v_ptr, mu_ptr, n, H, BLOCK)
     g_an = tl.load(gan_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g_vn = tl.load(gvn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -77,11 +77,11 @@ def _inl_bwd(c_ptr, a_ptr, v_ptr, mu_ptr, gan_ptr, gvn_ptr, gc_ptr, ga_ptr, gv_p
 
 def forward(c, a, v, mu, a_next, v_next, H, dt, beta_max, v_clamp):
     n = a.numel()
-    _inl_fwd[(triton.cdiv(n, BLOCK),)](c, a, v, mu, a_next, v_next, n, H, dt, beta_max, v_clamp, 20.0,
-                                       BLOCK=BLOCK)
+    triton_inl_fwd[(triton.cdiv(n, BLOCK),)](c, a, v, mu, a_next, v_next, n, H, dt, beta_max, v_clamp, 20.0,
+                                             BLOCK=BLOCK)
 
 
 def backward(c, a, v, mu, g_an, g_vn, g_c, g_a, g_v, g_mu, H, dt, beta_max, v_clamp):
     n = a.numel()
-    _inl_bwd[(triton.cdiv(n, BLOCK),)](c, a, v, mu, g_an, g_vn, g_c, g_a, g_v, g_mu, n, H, dt, beta_max,
-                                       v_clamp, 20.0, BLOCK=BLOCK)
+    triton_inl_bwd[(triton.cdiv(n, BLOCK),)](c, a, v, mu, g_an, g_vn, g_c, g_a, g_v, g_mu, n, H, dt, beta_max,
+                                             v_clamp, 20.0, BLOCK=BLOCK)
