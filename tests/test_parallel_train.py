@@ -23,7 +23,6 @@ All runs but the *_hard_compiled pair: mu_router straight_through (so the router
 got a gradient (Adam moves nothing with zero gradients and zero moments).
 """
 import json
-import os
 from pathlib import Path
 
 import pytest
