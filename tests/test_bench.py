@@ -1,4 +1,5 @@
 """`complexity-dist bench`: the command every throughput figure comes from, run end to end at tiny size on CPU."""
+import gzip
 import json
 import subprocess
 import sys
@@ -41,11 +42,15 @@ def test_bench_reports_the_training_path_figures(tmp_path):
     top = (tmp_path / "prof/top_kernels.txt").read_text()
     assert "aten::" in top and (tmp_path / "prof/trace.json.gz").stat().st_size > 0
     assert kinds[0] in proc.stdout
+    with gzip.open(tmp_path / "prof/trace.json.gz", "rt") as f:  # the ranges the idle time is charged to on a GPU
+        phases = {e["name"] for e in json.load(f)["traceEvents"] if e.get("cat") == "user_annotation"
+                  and e.get("name", "").startswith("step/")}
+    assert phases == {"step/forward", "step/backward", "step/optimizer"}, phases
     idle = (tmp_path / "prof/idle.txt").read_text()
     assert idle.startswith("no device activity") and idle.strip() in proc.stdout  # CPU: no kernels to wait
 
 
-def test_device_idle_is_charged_to_the_outermost_and_the_innermost_open_operator():
+def test_device_idle_is_charged_to_the_outermost_and_the_innermost_open_operator_and_the_phase():
     from complexity_dist.train.profiling import device_idle, idle_report
 
     def x(cat, name, ts, dur):
@@ -64,9 +69,17 @@ def test_device_idle_is_charged_to_the_outermost_and_the_innermost_open_operator
     events.append(x("cuda_runtime", "cudaStreamSynchronize", 36, 4))
     assert device_idle(events, innermost=True)[2] == {"aten::abs": 10, "cudaStreamSynchronize": 6,
                                                       "(no operator: Python between operators)": 10}
+    # phases: the step's record_function ranges (train/step.py), other annotations ignored
+    events += [x("user_annotation", "step/forward", 0, 30), x("user_annotation", "step/optimizer", 55, 10),
+               x("user_annotation", "Optimizer.step#AdamW.step", 30, 20)]
+    assert device_idle(events, phases=True)[2] == {"step/forward": 10, "step/optimizer": 10,
+                                                   "(outside the step's phases: between steps, logging, "
+                                                   "checkpointing)": 6}
     report = idle_report(events)
-    assert "aten::abs" in report[report.index("") + 2]
     assert report[0].startswith("device idle 0.0 ms of 0.1 ms (40.0%)") and "aten::isfinite" in report[2]
+    phase_head = report.index("the same idle time by the phase of the optimizer step open meanwhile:")
+    assert report[phase_head + 1].endswith("step/forward") or report[phase_head + 1].endswith("step/optimizer")
+    assert "aten::abs" in report[report.index("", phase_head) + 2]
     assert device_idle([x("cpu_op", "aten::mm", 0, 5)]) == (0.0, 0.0, {})
 
 

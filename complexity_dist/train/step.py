@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+from torch.profiler import record_function
 
 
 def optimizer_step(engine, batches: Iterator[torch.Tensor], grad_accum: int, lr: float, device: torch.device,
@@ -17,11 +18,15 @@ def optimizer_step(engine, batches: Iterator[torch.Tensor], grad_accum: int, lr:
         group["lr"] = lr
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for _ in range(grad_accum):
-        batch = next(batches).to(device, non_blocking=True)
-        loss = engine(batch[:, :-1], targets=batch[:, 1:]).loss
-        if poison:
-            loss = loss * float("nan")
-        engine.backward(loss)
-        engine.step()  # applies the update at the accumulation boundary only
+        # the phases name the ranges a profile charges the device's idle time to (train/profiling.py)
+        with record_function("step/forward"):
+            batch = next(batches).to(device, non_blocking=True)
+            loss = engine(batch[:, :-1], targets=batch[:, 1:]).loss
+            if poison:
+                loss = loss * float("nan")
+        with record_function("step/backward"):
+            engine.backward(loss)
+        with record_function("step/optimizer"):
+            engine.step()  # applies the update at the accumulation boundary only
         loss_sum += loss.detach().double()
     return loss_sum
