@@ -1,9 +1,10 @@
-"""The training loop: one readable function of small components (data, engine, checkpoints, metrics,
-tracking, faults). Launched by torchrun (or as one plain process); launchers reuse it unchanged."""
+"""The training loop: one readable function of small components (data, engine, checkpoints, faults); its
+optional parts (metrics and tracking, evaluation, profiling, drills) are callbacks
+(complexity_dist/train/callbacks.py). Launched by torchrun (or as one plain process); launchers reuse it
+unchanged."""
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -20,8 +21,9 @@ from complexity_dist.parallel.groups import destroy_groups
 from complexity_dist.parallel.parallelize import expert_state, full_state_dict, load_expert_state, parallelize
 from complexity_dist.train.checkpoint import (CheckpointMismatch, Checkpointer, SavedRun, finished,
                                               print_notes)
+from complexity_dist.train.callbacks import Callback, Reporter, StepRecord, default_callbacks
 from complexity_dist.train.faults import (EXIT_DIVERGED, EXIT_NO_SPACE, EXIT_REQUEUE, InjectedFaults,
-                                          NoSpaceLeft, PreemptionSignal, SkipGuard, TrainingDiverged)
+                                          NoSpaceLeft, PreemptionSignal, TrainingDiverged)
 from complexity_dist.parallel.deepspeed_engine import build_engine, global_grad_norm
 from complexity_dist.train.evaluation import build_evaluator, check_heldout, training_shards
 from complexity_dist.train.reshard import load_resharded, needs_reshard, open_reader
@@ -137,6 +139,7 @@ class Trainer:
             self.loader.load_state_dict({**self.loader.state_dict(), "next_sample": self.step * cfg.train.global_batch})
         self.evaluator = build_evaluator(cfg, env, self.engine, data_path)  # None when train.eval_every=0
         self.faults = InjectedFaults()
+        self.callbacks: list[Callback] = []  # fit() sets them
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, model_counts(cfg.model))
 
     def train_step(self, batches) -> tuple[float, float, bool, float, float]:
@@ -174,21 +177,23 @@ class Trainer:
         dist.all_reduce(frac)
         return frac.item() / self.env.world_size
 
-    def dump_full_weights(self, tag: str) -> None:
-        """Debug/test drill: with COMPLEXITY_DIST_DUMP_WEIGHTS=DIR, rank 0 writes DIR/<tag>.pt, the
-        single-process state_dict gathered from every rank's shards (collective: every rank calls it), when
-        training starts (or resumes) and after every step. For parity tests on tiny models only."""
-        out = os.environ.get("COMPLEXITY_DIST_DUMP_WEIGHTS")
-        if not out:
-            return
+    def dump_full_weights(self, path: Path) -> None:
+        """The single-process state_dict gathered from every rank's shards, written by rank 0 to `path` (a
+        collective: every rank calls it; the WeightDumps callback's drill, tiny models only)."""
         if self.pipeline:
             from complexity_dist.parallel.pipeline import full_state_dict as pipeline_state
             state = pipeline_state(self.full_model, self.engine.module, self.env.groups.pp_group, self.plan.tp_group)
         else:
             state = full_state_dict(self.engine.module, self.plan)
         if self.env.is_main:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            torch.save(state, Path(out) / f"{tag}.pt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, path)
+
+    def message(self, text: str) -> None:
+        """A line for the console, printed by rank 0 (through the reporter's printer, between step lines)."""
+        if self.env.is_main:
+            reporter = next((c for c in self.callbacks if isinstance(c, Reporter)), None)
+            reporter.printer.message(text) if reporter else print(text, flush=True)
 
     def save(self) -> Path:
         state = {"tokens_seen": self.tokens_seen, "skipped_total": self.skipped_total}
@@ -199,86 +204,58 @@ class Trainer:
                                       self.cfg, before_commit=self.faults.maybe_kill_in_save,
                                       in_write=lambda path: self.faults.maybe_no_space(self.step, path))
 
-    def fit(self) -> int:
-        from complexity_dist.train.metrics import (MetricsLog, StepPrinter, Throughput, peak_flops_per_device,
-                                                   peak_memory_gib)
-        from complexity_dist.train.profiling import StepProfiler
-        from complexity_dist.train.tracking import Tracker
+    def fit(self, callbacks: list[Callback] | None = None) -> int:
+        """Train to train.steps (or until preempted); returns the exit code. `callbacks`: the optional parts of
+        the loop (complexity_dist/train/callbacks.py); by default those the config asks for."""
+        from complexity_dist.train.metrics import Throughput, peak_flops_per_device, peak_memory_gib
 
         cfg, env = self.cfg, self.env
-        run_dir = Path(cfg.train.run_dir)
         tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-        log = tracker = printer = None
-        if env.is_main:
-            log = MetricsLog(run_dir, resume_step=self.step)
-            tracker = Tracker.from_config(cfg, run_dir, resume_step=self.step)
-            printer = StepPrinter(total_steps=cfg.train.steps, start_step=self.step, log_every=cfg.train.log_every,
-                                  device=env.device)
         throughput = Throughput(self.flops_per_token, peak_flops_per_device(env.device), num_devices=env.world_size)
-        signal_flag = PreemptionSignal().install()
-        guard = SkipGuard(cfg.train.max_consecutive_skips)
+        self.preemption = PreemptionSignal().install()
+        self.callbacks = default_callbacks(self) if callbacks is None else callbacks
         batches = iter(self.loader)
         exit_code = 0
-        profiler = StepProfiler(cfg.train.profile_start, cfg.train.profile_steps,
-                                run_dir / "profile" / f"rank_{env.rank}", env.device)
-        self.dump_full_weights(f"step_{self.step}")
         try:
+            for callback in self.callbacks:
+                callback.on_start(self)
             while self.step < cfg.train.steps:
-                profiler.before_step(self.step + 1)
+                for callback in self.callbacks:
+                    callback.before_step(self, self.step + 1)
                 t0 = time.perf_counter()
                 loss, grad_norm, skipped, lr, override = self.train_step(batches)
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - t0
                 self.step += 1
-                if profiler.after_step(self.step) and env.is_main:
-                    printer.message(f"profile of steps {profiler.start}-{profiler.last}: {run_dir / 'profile'}/"
-                                    f"rank_*/ (kinds.txt, top_kernels.txt, idle.txt, trace.json.gz)")
                 self.tokens_seen += tokens_per_step
                 self.skipped_total += int(skipped)
-                self.dump_full_weights(f"step_{self.step}")
                 rates = throughput.update(tokens_per_step, seconds, steps_left=cfg.train.steps - self.step)
-                # every rank evaluates together (after the step's timing, so tokens/s is training alone)
-                evaluated = self.evaluator.maybe_evaluate(self.step) if self.evaluator else {}
-                if env.is_main:
-                    row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_s": rates.tokens_per_s, "mfu": rates.mfu, "skipped": int(skipped),
-                           "skipped_total": self.skipped_total, "tokens": self.tokens_seen,
-                           "step_time_s": seconds, "routed_override_frac": override, **evaluated,
-                           "peak_mem_gib": peak_memory_gib(env.device)}  # rank 0's peak so far
-                    log.write(row)
-                    tracker.log_metrics(self.step, row)
-                    printer.update(row, rates)
-                guard.record(skipped, self.step)
-                if self.step == self.faults.preempt_at:
-                    signal_flag.received = signal.SIGTERM
-                preempted = self._agree_on_preemption(signal_flag)
+                record = StepRecord(self.step, skipped, seconds, rates, {
+                    "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": rates.tokens_per_s, "mfu": rates.mfu, "skipped": int(skipped),
+                    "skipped_total": self.skipped_total, "tokens": self.tokens_seen, "step_time_s": seconds,
+                    "routed_override_frac": override,
+                    "peak_mem_gib": peak_memory_gib(env.device)})  # this rank's peak so far (rank 0 logs)
+                for callback in self.callbacks:
+                    callback.after_step(self, record)
+                preempted = self._agree_on_preemption(self.preemption)
                 last = self.step == cfg.train.steps
                 if cfg.checkpoint.enabled and (preempted or last or self.step % cfg.checkpoint.every == 0):
-                    path = self.save()
-                    if env.is_main:
-                        printer.message(f"checkpoint {path}")
+                    self.message(f"checkpoint {self.save()}")
                 if preempted:
-                    if env.is_main:
-                        printer.message(f"preempted by signal {signal_flag.received}: saved step {self.step}, "
-                                        f"exiting with {EXIT_REQUEUE} so the launcher requeues")
+                    self.message(f"preempted by signal {self.preemption.received}: saved step {self.step}, "
+                                 f"exiting with {EXIT_REQUEUE} so the launcher requeues")
                     exit_code = EXIT_REQUEUE
                     break
-        except TrainingDiverged as e:
+        except (TrainingDiverged, NoSpaceLeft) as e:  # (NoSpaceLeft: on every rank, the partial checkpoint removed)
             if env.is_main:
                 print(f"complexity-dist: {e}", file=sys.stderr)
-            exit_code = EXIT_DIVERGED
-        except NoSpaceLeft as e:  # raised on every rank by Checkpointer.save, the partial folder removed
-            if env.is_main:
-                print(f"complexity-dist: {e}", file=sys.stderr)
-            exit_code = EXIT_NO_SPACE
+            exit_code = EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_NO_SPACE
         finally:
-            profiler.close()
-            signal_flag.uninstall()
-            if env.is_main:
-                printer.close()
-                log.close()
-                tracker.finish("FINISHED" if exit_code == 0 else "KILLED" if exit_code == EXIT_REQUEUE else "FAILED")
+            for callback in self.callbacks:
+                callback.on_end(self, exit_code)
+            self.preemption.uninstall()
         return exit_code
 
     def _agree_on_preemption(self, signal_flag: PreemptionSignal) -> bool:
