@@ -212,8 +212,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         throughput = Throughput(self.flops_per_token, peak_flops_per_device(env.device), num_devices=env.world_size)
-        self.preemption = PreemptionSignal().install()
         self.callbacks = default_callbacks(self) if callbacks is None else callbacks
+        self.preemption = PreemptionSignal().install()  # uninstalled in the finally below
         batches = iter(self.loader)
         exit_code = 0
         try:
