@@ -67,12 +67,12 @@ def test_device_idle_is_charged_to_the_outermost_and_the_innermost_open_operator
     assert by_op == {"aten::isfinite": 10, "(no operator: Python between operators)": 16}
     # innermost: abs (called by isfinite) at 15; a runtime call counts too
     events.append(x("cuda_runtime", "cudaStreamSynchronize", 36, 4))
-    assert device_idle(events, innermost=True)[2] == {"aten::abs": 10, "cudaStreamSynchronize": 6,
+    assert device_idle(events, charge_to="innermost")[2] == {"aten::abs": 10, "cudaStreamSynchronize": 6,
                                                       "(no operator: Python between operators)": 10}
     # phases: the step's record_function ranges (train/step.py), other annotations ignored
     events += [x("user_annotation", "step/forward", 0, 30), x("user_annotation", "step/optimizer", 55, 10),
                x("user_annotation", "Optimizer.step#AdamW.step", 30, 20)]
-    assert device_idle(events, phases=True)[2] == {"step/forward": 10, "step/optimizer": 10,
+    assert device_idle(events, charge_to="phase")[2] == {"step/forward": 10, "step/optimizer": 10,
                                                    "(outside the step's phases: between steps, logging, "
                                                    "checkpointing)": 6}
     report = idle_report(events)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from complexity_dist.kernels import triton_runs_on
+from complexity_dist.torch_compat import function_output
 
 SOFTPLUS_THRESHOLD = 20.0  # F.softplus default: above it softplus(x) = x
 
@@ -93,15 +94,13 @@ for _device in ("CPU", "CUDA"):
 
 
 class _INLUpdate(torch.autograd.Function):
-    # The outputs are views of the ops' outputs, not the ops' outputs themselves: torch 2.11's compiled autograd
-    # loses the gradient of a Function output that is the very tensor an op inside it returned (pytorch issue
-    # 180642; complexity_dist/parallel/comm.py and fp8.py work around the same bug)
+    # returns function_output(...) of the ops' outputs (complexity_dist/torch_compat.py: a torch 2.11 bug)
     @staticmethod
     def forward(ctx, c, a, v, mu, dt, beta_max, v_clamp):
         a_next, v_next = torch.ops.complexity_dist.inl_update_fwd(c, a, v, mu, dt, beta_max, v_clamp)
         ctx.save_for_backward(c, a, v, mu)
         ctx.consts = (dt, beta_max, v_clamp)
-        return a_next.view_as(a_next), v_next.view_as(v_next)
+        return function_output(a_next), function_output(v_next)
 
     @staticmethod
     def backward(ctx, g_an, g_vn):
@@ -110,4 +109,4 @@ class _INLUpdate(torch.autograd.Function):
         g_an = torch.zeros_like(a) if g_an is None else g_an
         g_vn = torch.zeros_like(a) if g_vn is None else g_vn
         grads = torch.ops.complexity_dist.inl_update_bwd(c, a, v, mu, g_an, g_vn, *ctx.consts)
-        return (*(g.view_as(g) for g in grads), None, None, None)
+        return (*(function_output(g) for g in grads), None, None, None)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from complexity_dist.torch_compat import function_output
+
 
 def group_size(group) -> int:
     """Processes in `group`; None is a world of one (not torch.distributed's default group)."""
@@ -70,13 +72,6 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return out
 
 
-def _new_tensor(out: torch.Tensor) -> torch.Tensor:
-    """`out` as another tensor object over the same memory (free). What the Functions below return: torch 2.11's
-    compile lost the gradient of a Function's output that is the very tensor an in-place collective wrote into
-    (pytorch issue 180642: the backward got zeros, so TP, SP and EP trained compiled with wrong gradients)"""
-    return out.view_as(out)
-
-
 class _CopyTo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -91,7 +86,7 @@ class _CopyTo(torch.autograd.Function):
 class _ReduceFrom(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return _new_tensor(_all_reduce(x, group))
+        return function_output(_all_reduce(x, group))
 
     @staticmethod
     def backward(ctx, grad):
@@ -103,7 +98,7 @@ def _along_dim(name: str, fwd, bwd):
     `bwd(grad, group, dim)` backward: the four operators on a dimension differ only in this pair."""
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return _new_tensor(fwd(x, group, dim))
+        return function_output(fwd(x, group, dim))
 
     def backward(ctx, grad):
         return bwd(grad, ctx.group, ctx.dim), None, None
@@ -126,7 +121,7 @@ class _AllToAll(torch.autograd.Function):
         out = x.new_empty((sum(recv_splits), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_splits, input_split_sizes=send_splits,
                                group=group)
-        return _new_tensor(out)
+        return function_output(out)
 
     @staticmethod
     def backward(ctx, grad):

@@ -44,16 +44,15 @@ PHASE_PREFIX = "step/"
 _NO_PHASE = "(outside the step's phases: between steps, logging, checkpointing)"
 
 
-def device_idle(events: list[dict], innermost: bool = False,
-                phases: bool = False) -> tuple[float, float, dict[str, float]]:
+def device_idle(events: list[dict], charge_to: str = "outermost") -> tuple[float, float, dict[str, float]]:
     """From a Chrome trace's events: (span of device activity, time the device ran nothing, that idle time by
-    the host call running at the middle of each gap), all in microseconds. By default a gap is charged to the
-    outermost operator then open (the earliest-started one: aten::isfinite rather than the aten::ne it calls):
-    the call the device was waiting on. `innermost`: to the latest-started operator or CUDA runtime call
-    (cudaLaunchKernel, cudaStreamSynchronize, ...) open then, on any thread: what the host was doing while the
-    device starved. Gaps with no operator open are Python (or the profiler) between operators. `phases`: to the
-    phase of the optimizer step then open (forward, backward, optimizer: the PHASE_PREFIX ranges). Empty results
-    without device events."""
+    the host call running at the middle of each gap), all in microseconds. `charge_to` "outermost": a gap is
+    charged to the outermost operator then open (the earliest-started one: aten::isfinite rather than the aten::ne
+    it calls): the call the device was waiting on. "innermost": to the latest-started operator or CUDA runtime
+    call (cudaLaunchKernel, cudaStreamSynchronize, ...) open then, on any thread: what the host was doing while
+    the device starved. Gaps with no operator open are Python (or the profiler) between operators. "phase": to
+    the phase of the optimizer step then open (forward, backward, optimizer: the PHASE_PREFIX ranges). Empty
+    results without device events."""
     device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                     if e.get("ph") == "X" and e.get("cat") in _DEVICE_EVENTS)
     if not device:
@@ -63,14 +62,10 @@ def device_idle(events: list[dict], innermost: bool = False,
         if start > busy_until:
             gaps.append((busy_until, start))
         busy_until = max(busy_until, end)
-    if phases:
-        ops = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("ph") == "X"
-                     and e.get("cat") == "user_annotation" and e.get("name", "").startswith(PHASE_PREFIX))
-    else:
-        host = ("cpu_op",) if not innermost else _HOST_EVENTS
-        ops = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
-                     if e.get("ph") == "X" and e.get("cat") in host)
-    sign = -1 if innermost else 1  # heap order: earliest start first (outermost) or latest first (innermost)
+    host = {"outermost": ("cpu_op",), "innermost": _HOST_EVENTS, "phase": ("user_annotation",)}[charge_to]
+    ops = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("ph") == "X"
+                 and e.get("cat") in host and (charge_to != "phase" or e.get("name", "").startswith(PHASE_PREFIX)))
+    sign = -1 if charge_to == "innermost" else 1  # heap order: earliest start first (outermost) or latest first (innermost)
     by_op: dict[str, float] = {}
     open_ops: list[tuple[float, float, str]] = []  # heap by sign * start: (sign * start, end, name)
     i = 0
@@ -81,7 +76,7 @@ def device_idle(events: list[dict], innermost: bool = False,
             i += 1
         while open_ops and open_ops[0][1] < mid:  # the top is closed: the next one may be open
             heapq.heappop(open_ops)
-        name = open_ops[0][2] if open_ops else _NO_PHASE if phases else _NO_OPERATOR
+        name = open_ops[0][2] if open_ops else _NO_PHASE if charge_to == "phase" else _NO_OPERATOR
         by_op[name] = by_op.get(name, 0.0) + (b - a)
     return device[-1][1] - device[0][0], sum(b - a for a, b in gaps), by_op
 
@@ -93,10 +88,10 @@ def idle_report(events: list[dict], top: int = 15) -> list[str]:
     lines = [f"device idle {idle / 1e3:.1f} ms of {span / 1e3:.1f} ms ({idle / span:.1%}), by the outermost CPU "
              f"operator open meanwhile:"]
     lines += [f"{t / 1e3:>10.1f} ms  {name[:120]}" for name, t in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
-    by_phase = device_idle(events, phases=True)[2]
+    by_phase = device_idle(events, charge_to="phase")[2]
     lines += ["", "the same idle time by the phase of the optimizer step open meanwhile:"]
     lines += [f"{t / 1e3:>10.1f} ms  {name}" for name, t in sorted(by_phase.items(), key=lambda kv: -kv[1])]
-    inner = device_idle(events, innermost=True)[2]
+    inner = device_idle(events, charge_to="innermost")[2]
     lines += ["", "the same idle time by the innermost operator or CUDA runtime call open meanwhile (what the host "
                   "was doing):"]
     lines += [f"{t / 1e3:>10.1f} ms  {name[:120]}" for name, t in sorted(inner.items(), key=lambda kv: -kv[1])[:top]]
