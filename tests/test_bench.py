@@ -51,7 +51,7 @@ def test_bench_reports_the_training_path_figures(tmp_path):
 
 
 def test_device_idle_is_charged_to_the_outermost_and_the_innermost_open_operator_and_the_phase():
-    from complexity_dist.train.profiling import device_idle, idle_report
+    from complexity_dist.train.profiling import device_idle, gap_histogram, idle_report
 
     def x(cat, name, ts, dur):
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
@@ -65,6 +65,8 @@ def test_device_idle_is_charged_to_the_outermost_and_the_innermost_open_operator
     # gaps: 10-20 (middle 15: isfinite, which calls abs), 35-41 (middle 38: nothing open), 50-60
     assert (span, idle) == (65, 10 + 6 + 10)
     assert by_op == {"aten::isfinite": 10, "(no operator: Python between operators)": 16}
+    assert gap_histogram(events) == [("0-2 us", 0, 0.0), ("2-10 us", 1, 6.0), ("10-100 us", 2, 20.0),
+                                     ("100-1000 us", 0, 0.0), (">1000 us", 0, 0.0)]
     # innermost: abs (called by isfinite) at 15; a runtime call counts too
     events.append(x("cuda_runtime", "cudaStreamSynchronize", 36, 4))
     assert device_idle(events, charge_to="innermost")[2] == {"aten::abs": 10, "cudaStreamSynchronize": 6,
@@ -80,6 +82,8 @@ def test_device_idle_is_charged_to_the_outermost_and_the_innermost_open_operator
     phase_head = report.index("the same idle time by the phase of the optimizer step open meanwhile:")
     assert report[phase_head + 1].endswith("step/forward") or report[phase_head + 1].endswith("step/optimizer")
     assert "aten::abs" in report[report.index("", phase_head) + 2]
+    assert "2 gaps of 10-100 us" in report[report.index("the same idle time by the length of each gap (5 device "
+                                                        "activities):") + 3]
     assert device_idle([x("cpu_op", "aten::mm", 0, 5)]) == (0.0, 0.0, {})
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from complexity_dist.model.experts import grouped_expert_forward, grouped_gemm_experts, use_grouped_kernel
+from complexity_dist.torch_compat import function_output
 
 FORWARD_DTYPE = torch.float8_e4m3fn
 GRAD_DTYPE = torch.float8_e5m2
@@ -201,11 +202,9 @@ class _Fp8GroupedGemm(torch.autograd.Function):
         w8, w_inv = scaled_fp8(weight, FORWARD_DTYPE, per_group=True)
         ctx.save_for_backward(r8, r_inv, w8, w_inv, offs)
         ctx.rows_dtype, ctx.weight_dtype = rows.dtype, weight.dtype
-        # copy=True, a new tensor even where rows are bf16 already: torch 2.11's compile lost the gradient of a
-        # Function output that is the op's own output tensor (pytorch issue 180642): the experts and the norm
-        # before them got exactly zero gradients while eager was right. Compiled, inductor fuses the copy into
-        # the next kernel (SwiGLU, the gather back)
-        return fp8_grouped_mm(*grouped_mm_operands(r8, r_inv, w8, w_inv), offs, True).to(rows.dtype, copy=True)
+        # a view, not the op's own output: returning that, torch 2.11's compile gave the experts and the norm before
+        # them zero gradients (complexity_dist/torch_compat.py)
+        return function_output(fp8_grouped_mm(*grouped_mm_operands(r8, r_inv, w8, w_inv), offs, True).to(rows.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -213,11 +212,11 @@ class _Fp8GroupedGemm(torch.autograd.Function):
         g8, g_inv = scaled_fp8(grad, FORWARD_DTYPE)
         grad_rows = grad_weight = None
         if ctx.needs_input_grad[0]:  # [R, N] @ weight[g]^T [N, K]
-            grad_rows = fp8_grouped_mm(*grouped_mm_operands(g8, g_inv, w8.transpose(-2, -1), w_inv), offs,
-                                       False).to(ctx.rows_dtype, copy=True)
+            grad_rows = function_output(fp8_grouped_mm(
+                *grouped_mm_operands(g8, g_inv, w8.transpose(-2, -1), w_inv), offs, False).to(ctx.rows_dtype))
         if ctx.needs_input_grad[1]:  # rows of g: [K, R_g] @ [R_g, N]
-            grad_weight = fp8_grouped_weight_grad(*weight_grad_operands(r8, r_inv, g8, g_inv, offs.shape[0]),
-                                                  offs).to(ctx.weight_dtype, copy=True)
+            grad_weight = function_output(fp8_grouped_weight_grad(
+                *weight_grad_operands(r8, r_inv, g8, g_inv, offs.shape[0]), offs).to(ctx.weight_dtype))
         return grad_rows, grad_weight, None
 
 

@@ -81,6 +81,28 @@ def device_idle(events: list[dict], charge_to: str = "outermost") -> tuple[float
     return device[-1][1] - device[0][0], sum(b - a for a, b in gaps), by_op
 
 
+# gap sizes in microseconds: below ~10 us the device waits on kernel launches (what fusion or CUDA graphs remove),
+# above it on the host's own work or a synchronisation
+GAP_BUCKETS_US = (2.0, 10.0, 100.0, 1000.0)
+
+
+def gap_histogram(events: list[dict]) -> list[tuple[str, int, float]]:
+    """(range, number of gaps, their total in microseconds) of the device's idle gaps, by GAP_BUCKETS_US."""
+    device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                    if e.get("ph") == "X" and e.get("cat") in _DEVICE_EVENTS)
+    edges = (0.0, *GAP_BUCKETS_US, float("inf"))
+    rows = [[f"{lo:g}-{hi:g} us" if hi != float("inf") else f">{lo:g} us", 0, 0.0] for lo, hi in zip(edges, edges[1:])]
+    busy_until = device[0][1] if device else 0.0
+    for start, end in device[1:]:
+        if start > busy_until:
+            gap = start - busy_until
+            row = rows[next(i for i, hi in enumerate(edges[1:]) if gap < hi)]
+            row[1] += 1
+            row[2] += gap
+        busy_until = max(busy_until, end)
+    return [tuple(r) for r in rows]
+
+
 def idle_report(events: list[dict], top: int = 15) -> list[str]:
     span, idle, by_op = device_idle(events)
     if not span:
@@ -88,6 +110,9 @@ def idle_report(events: list[dict], top: int = 15) -> list[str]:
     lines = [f"device idle {idle / 1e3:.1f} ms of {span / 1e3:.1f} ms ({idle / span:.1%}), by the outermost CPU "
              f"operator open meanwhile:"]
     lines += [f"{t / 1e3:>10.1f} ms  {name[:120]}" for name, t in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
+    kernels = sum(1 for e in events if e.get("ph") == "X" and e.get("cat") in _DEVICE_EVENTS)
+    lines += ["", f"the same idle time by the length of each gap ({kernels} device activities):"]
+    lines += [f"{t / 1e3:>10.1f} ms  {n:>7} gaps of {name}" for name, n, t in gap_histogram(events)]
     by_phase = device_idle(events, charge_to="phase")[2]
     lines += ["", "the same idle time by the phase of the optimizer step open meanwhile:"]
     lines += [f"{t / 1e3:>10.1f} ms  {name}" for name, t in sorted(by_phase.items(), key=lambda kv: -kv[1])]
@@ -126,7 +151,7 @@ def write_reports(prof, out: Path, steps: int, cuda: bool) -> list[str]:
                for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]))]
     top = [f"{'ms':>10} {'share':>6} {'calls':>6} {'kind':<26} kernel"]
     top += [f"{t / 1e3:>10.2f} {t / total:>6.1%} {n:>6} {kernel_kind(k):<26} {k[:140]}"
-            for k, t, n in sorted(rows, key=lambda r: -r[1])[:40]]
+            for k, t, n in sorted(rows, key=lambda r: -r[1])[:100]]
     (out / "kinds.txt").write_text("\n".join(kinds) + "\n")
     (out / "top_kernels.txt").write_text("\n".join(top) + "\n")
     with gzip.open(out / "trace.json.gz", "rt") as f:
