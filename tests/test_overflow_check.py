@@ -13,7 +13,8 @@ from spawn_util import spawn_gloo
 from complexity_dist.config import Layout, load_config
 from complexity_dist.model import ComplexityForCausalLM
 from complexity_dist.parallel.deepspeed_engine import (_any_nonfinite_grad, _grad_norm_fused,
-                                                       _rebind_bit16_params_if_moved, build_engine)
+                                                       _rebind_bit16_params_if_moved,
+                                                       _unscale_and_clip_grads_on_device, build_engine)
 
 WORLD = 2
 
@@ -38,6 +39,33 @@ def _aliases_flat_buffer(opt, param) -> bool:
                for flat in opt.bit16_groups_flat)
 
 
+def _clipping_matches_deepspeed_without_host_reads(opt):
+    """The on-device clipping scales a flat gradient (and a list of them) as DeepSpeed's does, for a norm above
+    the limit (clipped), below it (unchanged) and an invalid one (-1 or inf: DeepSpeed's factor is 0), and never
+    reads a tensor on the host."""
+    stock = type(opt).unscale_and_clip_grads
+    assert opt.clip_grad == 1.0
+    for norm in (7.5, 0.25, -1.0, float("inf")):
+        grad = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+        want, got, got_list = grad.clone(), grad.clone(), [grad[:400].clone(), grad[400:].clone()]
+        stock(opt, [want], torch.tensor(norm))
+        host_reads = []
+        real = {name: getattr(torch.Tensor, name) for name in ("__bool__", "item", "__float__")}
+        for name in real:
+            setattr(torch.Tensor, name, lambda t, *a, _n=name: (host_reads.append(_n), real[_n](t, *a))[1])
+        try:
+            _unscale_and_clip_grads_on_device(opt, [got], torch.tensor(norm))
+            _unscale_and_clip_grads_on_device(opt, [got_list], torch.tensor(norm))
+        finally:
+            for name, fn in real.items():
+                setattr(torch.Tensor, name, fn)
+        assert host_reads == [], (norm, host_reads)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(torch.cat(got_list), want, rtol=1e-6, atol=0)
+        assert torch.equal(want, grad) == (norm == 0.25)  # a norm under the limit leaves the gradient as it was
+        assert (want.abs().sum() == 0) == (norm in (-1.0, float("inf")))  # an invalid one zeroes it, as DeepSpeed
+
+
 def _check(rank):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))  # what DeepSpeed reads
     for stage in (1, 2):
@@ -46,6 +74,9 @@ def _check(rank):
         assert opt.has_overflow_partitioned_grads_serial.__func__ is _any_nonfinite_grad
         assert opt.get_grad_norm_direct.__func__ is _grad_norm_fused
         assert opt._update_model_bit16_weights.__func__ is _rebind_bit16_params_if_moved
+        assert opt.unscale_and_clip_grads.__func__ is _unscale_and_clip_grads_on_device
+        assert not engine.tput_timer.config.enabled  # its device syncs at every micro-batch are off
+        _clipping_matches_deepspeed_without_host_reads(opt)
         stock = type(opt).has_overflow_partitioned_grads_serial
         stock_norm = type(opt).get_grad_norm_direct
 

@@ -73,6 +73,10 @@ def deepspeed_config(cfg: Config, layout: Layout, bf16: bool) -> dict:
         "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "steps_per_print": 10 ** 9,  # we print our own progress
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (enabled by default) synchronises the device at every micro-batch's forward
+        # and step: four full syncs per step of two micro-batches, each leaving the GPU idle until the host
+        # catches up. We time steps ourselves (train/metrics.py, bench)
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
 
 
@@ -101,7 +105,7 @@ def _grad_norm_fused(self, gradients, params, norm_type=2):
     if float(norm_type) != 2.0:
         return type(self).get_grad_norm_direct(self, gradients, params, norm_type)
     import torch.distributed as dist
-    from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
+    from deepspeed.runtime.utils import is_model_parallel_parameter
 
     grads = (g for g in gradients if not getattr(g, "_zero_padding", False))
     counted = [g for g, p in zip(grads, params) if not getattr(p, "ds_pipe_replicated", False)
@@ -111,11 +115,34 @@ def _grad_norm_fused(self, gradients, params, norm_type=2):
         total = torch.stack(norms).double().pow(2).sum().float()
     else:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
+    if dist.get_world_size(group=self.dp_process_group) > 1:  # one rank: a collective of one costs host time
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
     self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
     total = total.sqrt()
-    mask_nan_or_inf_with_val_inplace(total, device=self.device)
-    return total
+    # DeepSpeed's -1 for a non-finite norm, without its host syncs (mask_nan_or_inf_with_val_inplace copies a
+    # host tensor in and fills with a device tensor, read back)
+    return total.masked_fill_(~total.isfinite(), -1.0)
+
+
+def _unscale_and_clip_grads_on_device(self, grad_groups_flat, total_norm):
+    """ZeRO 1/2's clipping of one group's flat gradient (DeepSpeedZeroOptimizer.unscale_and_clip_grads), the
+    same factor min(1, clip / norm) / loss_scale, without the host reading the norm: DeepSpeed checks it for
+    validity with a bool() per group (two host syncs per step, in a profile of the 1.5b preset each followed by
+    0.1-0.8 ms of idle GPU while the host caught up). step() already takes an invalid norm as an overflow and
+    skips; for anyone else an invalid norm gives DeepSpeed's factor (0), chosen on the device."""
+    if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+        return
+    if not torch.is_tensor(total_norm):
+        return type(self).unscale_and_clip_grads(self, grad_groups_flat, total_norm)
+    combined_scale = self.loss_scale
+    if self.clip_grad > 0.0:
+        valid = total_norm.isfinite() & (total_norm >= 0)
+        clip_norm = torch.where(valid, total_norm, torch.full_like(total_norm, float("inf")))
+        clip = ((clip_norm / self.loss_scale) + 1e-6) / self.clip_grad
+        combined_scale = torch.clamp(clip, min=1.0) * self.loss_scale
+    for grad in grad_groups_flat:
+        for g in (grad if isinstance(grad, list) else [grad]):
+            g.data.mul_(1.0 / combined_scale)
 
 
 def _rebind_bit16_params_if_moved(self, group_index):
@@ -140,8 +167,8 @@ FUSED_CHECKS_DEEPSPEED = ("0.19.",)
 
 
 def fuse_grad_checks(optimizer) -> bool:
-    """Give a DeepSpeed ZeRO 1/2 optimizer the fused overflow check and clipping norm above, and the rebind that
-    skips parameters already in place (in place). False
+    """Give a DeepSpeed ZeRO 1/2 optimizer the fused overflow check and clipping norm above, the clipping without
+    host syncs, and the rebind that skips parameters already in place (in place). False
     when `optimizer` is not one (ZeRO 0 uses our ClippedSkippingAdamW, whose clip_grad_norm_ is already one
     multi-tensor norm; ZeRO 3 has its own optimizer class) or DeepSpeed is not a release they were checked
     against."""
@@ -151,12 +178,14 @@ def fuse_grad_checks(optimizer) -> bool:
         return False
     needed = ("has_overflow_partitioned_grads_serial", "get_grad_norm_direct", "averaged_gradients", "bit16_groups",
               "dp_process_group", "model_parallel_rank", "_model_parallel_all_reduce", "_update_model_bit16_weights",
-              "bit16_groups_flat", "round_robin_bit16_groups", "round_robin_bit16_meta", "round_robin_bit16_offsets")
+              "bit16_groups_flat", "round_robin_bit16_groups", "round_robin_bit16_meta", "round_robin_bit16_offsets",
+              "unscale_and_clip_grads", "clip_grad", "loss_scale")
     if not all(hasattr(optimizer, name) for name in needed):
         return False
     optimizer.has_overflow_partitioned_grads_serial = types.MethodType(_any_nonfinite_grad, optimizer)
     optimizer.get_grad_norm_direct = types.MethodType(_grad_norm_fused, optimizer)
     optimizer._update_model_bit16_weights = types.MethodType(_rebind_bit16_params_if_moved, optimizer)
+    optimizer.unscale_and_clip_grads = types.MethodType(_unscale_and_clip_grads_on_device, optimizer)
     return True
 
 
