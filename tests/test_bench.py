@@ -93,20 +93,22 @@ def test_bench_baseline_needs_a_gpu_and_says_so():
     assert "--baseline needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_device_annotations_are_not_counted_as_kernels():
-    from types import SimpleNamespace
+def test_device_time_counts_every_device_activity_of_the_trace_and_no_annotation():
+    from complexity_dist.train.profiling import device_rows
 
-    from complexity_dist.train.profiling import _annotation
+    def x(cat, name, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": 0, "dur": dur}
 
-    def event(key, user=False):
-        return SimpleNamespace(key=key, is_user_annotation=user)
-
-    # c10d's and record_function's device-side ranges span kernels that are counted on their own
-    assert _annotation(event("nccl:all_gather_into_tensor_coalesced"))
-    assert _annotation(event("Optimizer.step#AdamW.step"))
-    assert _annotation(event("my_range", user=True))
-    assert not _annotation(event("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)"))
-    assert not _annotation(event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT"))
+    gemm = "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT"
+    events = [x("kernel", gemm, 5), x("kernel", "ncclDevKernel_AllGather", 3), x("kernel", gemm, 7),
+              x("gpu_memcpy", "Memcpy DtoD", 2),
+              x("gpu_memset", "Memset (Device)", 1),
+              # device-side ranges of record_function and c10d span kernels that are counted on their own
+              x("gpu_user_annotation", "Optimizer.step#AdamW.step", 50), x("gpu_user_annotation", "nccl:all_gather", 3),
+              x("cpu_op", "aten::mm", 9), x("cuda_runtime", "cudaLaunchKernel", 1), {"ph": "i", "cat": "kernel"}]
+    assert sorted(device_rows(events)) == [("Memcpy DtoD", 2, 1), ("Memset (Device)", 1, 1),
+                                           ("ncclDevKernel_AllGather", 3, 1),
+                                           (gemm, 12, 2)]
 
 
 def test_our_triton_kernels_count_as_fused_kernels():

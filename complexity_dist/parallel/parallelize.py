@@ -40,7 +40,6 @@ DeepSpeed's external-parameter tracking), EP x DP, PP with ZeRO 1 and TP x PP.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -104,8 +103,6 @@ def linear_backend_problems(cfg: Config) -> list[str]:
                             "policy saves (complexity_dist/model/checkpointing.py), so they would be recomputed "
                             "(full's cost; not verified); use train.activation_checkpointing=full or none, or "
                             "model.linear_backend=torch")
-        if cfg.train.fp8 != "none" and os.environ.get(FP8_UNVERIFIED_ENV) != "1":
-            problems.append(FP8_REFUSAL.format(mode=cfg.train.fp8))
         problems += _te_problems(cfg)
     elif backend == "torch" and cfg.train.fp8 != "none":
         problems += _torch_fp8_problems(cfg)
@@ -127,19 +124,6 @@ def linear_backend_problems(cfg: Config) -> list[str]:
                             "autograd functions run collectives in backward); set train.compile=false or "
                             "model.linear_backend=torch")
     return problems
-
-
-# FP8 through Transformer Engine is refused until it is checked again. On an H200 (TE 2.20, 150m preset, seq
-# 256 x 16, lr 1e-3) its FP8 runs spiked and ended 10-20% above bf16; later runs showed bf16 itself spiking at
-# that learning rate (loss to 12, gradient norm to 182), so those checks could not tell FP8 from the recipe, and
-# they were not repeated with TE at lr 5e-4, where our own FP8 path (train.fp8=current with
-# model.linear_backend=torch, complexity_dist/parallel/fp8.py) ends level with bf16 (tests/gpu/test_gpu_fp8.py).
-# FP8_UNVERIFIED_ENV=1 lets the GPU tests (and whoever checks it) run TE's anyway.
-FP8_UNVERIFIED_ENV = "COMPLEXITY_DIST_FP8_UNVERIFIED"
-FP8_REFUSAL = ("train.fp8={mode} with model.linear_backend=te is not verified (its 200-step GPU checks ended 10-20% "
-               "above bf16, at a learning rate where bf16 also spiked); use train.fp8=current with "
-               "model.linear_backend=torch (FP8 checked against bf16), or set " + FP8_UNVERIFIED_ENV + "=1 to run "
-               "TE's anyway")
 
 
 def _fp8_size_problems(cfg: Config) -> list[str]:
