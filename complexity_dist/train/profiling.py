@@ -44,6 +44,22 @@ PHASE_PREFIX = "step/"
 _NO_PHASE = "(outside the step's phases: between steps, logging, checkpointing)"
 
 
+def _device_intervals(events: list[dict]) -> list[tuple[float, float]]:
+    """(start, end) of every device activity of a trace (kernels, copies, fills), in time order."""
+    return sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                  if e.get("ph") == "X" and e.get("cat") in _DEVICE_EVENTS)
+
+
+def _idle_gaps(device: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The stretches between those intervals when the device ran nothing."""
+    gaps, busy_until = [], device[0][1] if device else 0.0
+    for start, end in device[1:]:
+        if start > busy_until:
+            gaps.append((busy_until, start))
+        busy_until = max(busy_until, end)
+    return gaps
+
+
 def device_idle(events: list[dict], charge_to: str = "outermost") -> tuple[float, float, dict[str, float]]:
     """From a Chrome trace's events: (span of device activity, time the device ran nothing, that idle time by
     the host call running at the middle of each gap), all in microseconds. `charge_to` "outermost": a gap is
@@ -53,19 +69,15 @@ def device_idle(events: list[dict], charge_to: str = "outermost") -> tuple[float
     the device starved. Gaps with no operator open are Python (or the profiler) between operators. "phase": to
     the phase of the optimizer step then open (forward, backward, optimizer: the PHASE_PREFIX ranges). Empty
     results without device events."""
-    device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                    if e.get("ph") == "X" and e.get("cat") in _DEVICE_EVENTS)
+    device = _device_intervals(events)
     if not device:
         return 0.0, 0.0, {}
-    gaps, busy_until = [], device[0][1]
-    for start, end in device[1:]:
-        if start > busy_until:
-            gaps.append((busy_until, start))
-        busy_until = max(busy_until, end)
+    gaps = _idle_gaps(device)
     host = {"outermost": ("cpu_op",), "innermost": _HOST_EVENTS, "phase": ("user_annotation",)}[charge_to]
     ops = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("ph") == "X"
                  and e.get("cat") in host and (charge_to != "phase" or e.get("name", "").startswith(PHASE_PREFIX)))
-    sign = -1 if charge_to == "innermost" else 1  # heap order: earliest start first (outermost) or latest first (innermost)
+    # heap order: earliest start first (outermost) or latest first (innermost)
+    sign = -1 if charge_to == "innermost" else 1
     by_op: dict[str, float] = {}
     open_ops: list[tuple[float, float, str]] = []  # heap by sign * start: (sign * start, end, name)
     i = 0
@@ -88,18 +100,12 @@ GAP_BUCKETS_US = (2.0, 10.0, 100.0, 1000.0)
 
 def gap_histogram(events: list[dict]) -> list[tuple[str, int, float]]:
     """(range, number of gaps, their total in microseconds) of the device's idle gaps, by GAP_BUCKETS_US."""
-    device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                    if e.get("ph") == "X" and e.get("cat") in _DEVICE_EVENTS)
     edges = (0.0, *GAP_BUCKETS_US, float("inf"))
     rows = [[f"{lo:g}-{hi:g} us" if hi != float("inf") else f">{lo:g} us", 0, 0.0] for lo, hi in zip(edges, edges[1:])]
-    busy_until = device[0][1] if device else 0.0
-    for start, end in device[1:]:
-        if start > busy_until:
-            gap = start - busy_until
-            row = rows[next(i for i, hi in enumerate(edges[1:]) if gap < hi)]
-            row[1] += 1
-            row[2] += gap
-        busy_until = max(busy_until, end)
+    for a, b in _idle_gaps(_device_intervals(events)):
+        row = rows[next(i for i, hi in enumerate(edges[1:]) if b - a < hi)]
+        row[1] += 1
+        row[2] += b - a
     return [tuple(r) for r in rows]
 
 
@@ -110,8 +116,7 @@ def idle_report(events: list[dict], top: int = 15) -> list[str]:
     lines = [f"device idle {idle / 1e3:.1f} ms of {span / 1e3:.1f} ms ({idle / span:.1%}), by the outermost CPU "
              f"operator open meanwhile:"]
     lines += [f"{t / 1e3:>10.1f} ms  {name[:120]}" for name, t in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
-    kernels = sum(1 for e in events if e.get("ph") == "X" and e.get("cat") in _DEVICE_EVENTS)
-    lines += ["", f"the same idle time by the length of each gap ({kernels} device activities):"]
+    lines += ["", f"the same idle time by the length of each gap ({len(_device_intervals(events))} device activities):"]
     lines += [f"{t / 1e3:>10.1f} ms  {n:>7} gaps of {name}" for name, n, t in gap_histogram(events)]
     by_phase = device_idle(events, charge_to="phase")[2]
     lines += ["", "the same idle time by the phase of the optimizer step open meanwhile:"]
