@@ -5,6 +5,7 @@ the rebind after the step that leaves parameters already in their flat buffer's 
 2 gloo processes, bf16, ZeRO 1 and 2, one spawn."""
 import math
 import os
+import types
 
 import torch
 from conftest import tiny_overrides
@@ -19,9 +20,9 @@ from complexity_dist.parallel.deepspeed_engine import (_any_nonfinite_grad, _gra
 WORLD = 2
 
 
-def _engine(stage: int):
+def _engine(stage: int, **overrides):
     cfg = load_config(None, tiny_overrides(**{"parallel.zero_stage": stage, "train.global_batch": 2,
-                                              "train.micro_batch": 1, "train.precision": "bf16"}))
+                                              "train.micro_batch": 1, "train.precision": "bf16", **overrides}))
     torch.manual_seed(0)
     return build_engine(ComplexityForCausalLM(cfg.model), cfg, Layout.build(cfg, WORLD), bf16=True)
 
@@ -66,6 +67,32 @@ def _clipping_matches_deepspeed_without_host_reads(opt):
         assert (want.abs().sum() == 0) == (norm in (-1.0, float("inf")))  # an invalid one zeroes it, as DeepSpeed
 
 
+def _fused_adamw_applies_the_clipping_as_deepspeed(stage: int, rank: int):
+    """With a fused AdamW (what ZeRO gets on GPUs) the clipping factor reaches the optimizer as its grad_scale
+    instead of a multiply over the gradient: one step moves the fp32 master weights as DeepSpeed's own clipping
+    followed by the same optimizer does. A tight grad_clip makes sure the step clips, and a large eps (no weight
+    decay) that the update is proportional to the clipped gradient (Adam's m / sqrt(v) alone would hide its
+    size)."""
+    updates = []
+    for ours in (True, False):
+        engine = _engine(stage, **{"optim.grad_clip": 1e-3, "optim.eps": 1.0, "optim.weight_decay": 0.0,
+                                   "optim.lr": 100.0})  # an update far above the weights' rounding
+        opt = engine.optimizer
+        for group in [opt.optimizer.defaults, *opt.optimizer.param_groups]:
+            group["fused"] = True  # torch's fused AdamW also runs on CPU
+        if not ours:
+            opt.unscale_and_clip_grads = types.MethodType(type(opt).unscale_and_clip_grads, opt)
+        _backward(engine, rank, poison_rank=None)
+        before = [t.detach().clone() for t in opt.single_partition_of_fp32_groups]
+        engine.step()
+        assert engine.get_global_grad_norm() > 1e-2 and not opt.overflow  # clipped by a factor over 10
+        assert (getattr(opt.optimizer, "grad_scale", None) is not None) == ours
+        updates.append([t.detach() - b for t, b in zip(opt.single_partition_of_fp32_groups, before)])
+    for got, want in zip(*updates):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)  # atol: a weight's fp32 rounding
+
+
 def _check(rank):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))  # what DeepSpeed reads
     for stage in (1, 2):
@@ -77,6 +104,7 @@ def _check(rank):
         assert opt.unscale_and_clip_grads.__func__ is _unscale_and_clip_grads_on_device
         assert not engine.tput_timer.config.enabled  # its device syncs at every micro-batch are off
         _clipping_matches_deepspeed_without_host_reads(opt)
+        _fused_adamw_applies_the_clipping_as_deepspeed(stage, rank)
         stock = type(opt).has_overflow_partitioned_grads_serial
         stock_norm = type(opt).get_grad_norm_direct
 

@@ -129,17 +129,27 @@ def _unscale_and_clip_grads_on_device(self, grad_groups_flat, total_norm):
     same factor min(1, clip / norm) / loss_scale, without the host reading the norm: DeepSpeed checks it for
     validity with a bool() per group (two host syncs per step, in a profile of the 1.5b preset each followed by
     0.1-0.8 ms of idle GPU while the host caught up). step() already takes an invalid norm as an overflow and
-    skips; for anyone else an invalid norm gives DeepSpeed's factor (0), chosen on the device."""
+    skips; for anyone else an invalid norm gives DeepSpeed's factor (0), chosen on the device.
+    With a fused torch AdamW (ZeRO on GPUs) the factor is not multiplied in here: the optimizer step that
+    DeepSpeed runs next divides the gradient by its `grad_scale` inside its own kernel, which saves a pass over
+    the fp32 gradient partition (1% of a 1.5b-preset step on an H200)."""
+    fused = getattr(self.optimizer, "defaults", {}).get("fused", False) and \
+        not getattr(self, "torch_autocast_gradscaler", None)  # (that scaler sets grad_scale itself)
+    if fused:
+        self.optimizer.grad_scale = None  # set again below, for the group stepped next
     if self.clip_grad == 0.0 and self.loss_scale == 1.0:
         return
     if not torch.is_tensor(total_norm):
         return type(self).unscale_and_clip_grads(self, grad_groups_flat, total_norm)
-    combined_scale = self.loss_scale
+    combined_scale = torch.full_like(total_norm, self.loss_scale, dtype=torch.float32)
     if self.clip_grad > 0.0:
         valid = total_norm.isfinite() & (total_norm >= 0)
         clip_norm = torch.where(valid, total_norm, torch.full_like(total_norm, float("inf")))
         clip = ((clip_norm / self.loss_scale) + 1e-6) / self.clip_grad
-        combined_scale = torch.clamp(clip, min=1.0) * self.loss_scale
+        combined_scale = torch.clamp(clip, min=1.0).float() * self.loss_scale
+    if fused:
+        self.optimizer.grad_scale = combined_scale
+        return
     for grad in grad_groups_flat:
         for g in (grad if isinstance(grad, list) else [grad]):
             g.data.mul_(1.0 / combined_scale)
