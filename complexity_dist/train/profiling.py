@@ -1,8 +1,10 @@
 """Where a step's time goes: torch.profiler over chosen steps, and three reports from it.
 
-    kinds.txt        device time by kind of kernel (GEMM, attention, communication, fused Triton/compiled, other)
-    top_kernels.txt  the 40 kernels that took longest
-    idle.txt         when the device ran nothing, charged to the CPU operator it was waiting on
+    kinds.txt        device time by kind of kernel (GEMM, attention, communication, fused Triton/compiled, other),
+                     summed over every device activity of the trace
+    top_kernels.txt  the 100 kernels that took longest
+    idle.txt         when the device ran nothing: by the CPU operator it was waiting on, by the length of each gap,
+                     by the step's phase and by what the host was doing
     trace.json.gz    the Chrome trace (chrome://tracing, Perfetto)
 
 `complexity-dist bench --profile DIR` profiles two extra steps of one device; `train.profile_start` /
