@@ -20,15 +20,15 @@ from complexity_dist.parallel.deepspeed_engine import (_any_nonfinite_grad, _gra
 WORLD = 2
 
 
-def _engine(stage: int, **overrides):
-    cfg = load_config(None, tiny_overrides(**{"parallel.zero_stage": stage, "train.global_batch": 2,
+def _engine(stage: int, world: int = WORLD, device: str = "cpu", **overrides):
+    cfg = load_config(None, tiny_overrides(**{"parallel.zero_stage": stage, "train.global_batch": world,
                                               "train.micro_batch": 1, "train.precision": "bf16", **overrides}))
     torch.manual_seed(0)
-    return build_engine(ComplexityForCausalLM(cfg.model), cfg, Layout.build(cfg, WORLD), bf16=True)
+    return build_engine(ComplexityForCausalLM(cfg.model).to(device), cfg, Layout.build(cfg, world), bf16=True)
 
 
 def _backward(engine, rank: int, poison_rank: int | None):
-    ids = torch.randint(0, 97, (1, 17), generator=torch.Generator().manual_seed(rank))
+    ids = torch.randint(0, 97, (1, 17), generator=torch.Generator().manual_seed(rank)).to(engine.device)
     loss = engine(ids[:, :-1], targets=ids[:, 1:]).loss
     if rank == poison_rank:
         loss = loss * float("nan")
@@ -67,7 +67,8 @@ def _clipping_matches_deepspeed_without_host_reads(opt):
         assert (want.abs().sum() == 0) == (norm in (-1.0, float("inf")))  # an invalid one zeroes it, as DeepSpeed
 
 
-def _fused_adamw_applies_the_clipping_as_deepspeed(stage: int, rank: int):
+def _fused_adamw_applies_the_clipping_as_deepspeed(stage: int, rank: int, world: int = WORLD,
+                                                    device: str = "cpu"):
     """With a fused AdamW (what ZeRO gets on GPUs) the clipping factor reaches the optimizer as its grad_scale
     instead of a multiply over the gradient: one step moves the fp32 master weights as DeepSpeed's own clipping
     followed by the same optimizer does. A tight grad_clip makes sure the step clips, and a large eps (no weight
@@ -75,8 +76,9 @@ def _fused_adamw_applies_the_clipping_as_deepspeed(stage: int, rank: int):
     size)."""
     updates = []
     for ours in (True, False):
-        engine = _engine(stage, **{"optim.grad_clip": 1e-3, "optim.eps": 1.0, "optim.weight_decay": 0.0,
-                                   "optim.lr": 100.0})  # an update far above the weights' rounding
+        engine = _engine(stage, world, device, **{"optim.grad_clip": 1e-3, "optim.eps": 1.0,
+                                                  "optim.weight_decay": 0.0,
+                                                  "optim.lr": 100.0})  # an update far above the weights' rounding
         opt = engine.optimizer
         for group in [opt.optimizer.defaults, *opt.optimizer.param_groups]:
             group["fused"] = True  # torch's fused AdamW also runs on CPU
@@ -93,8 +95,55 @@ def _fused_adamw_applies_the_clipping_as_deepspeed(stage: int, rank: int):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)  # atol: a weight's fp32 rounding
 
 
+def _sums_micro_batches_in_fp32(stage: int, rank: int, micro_batches: int = 16):
+    """The gradient that reaches the optimizer at the accumulation boundary is the fp32 sum of the micro-batches'
+    bf16 gradients (deepspeed_engine.fp32_grad_accumulation), averaged over the ranks in fp32: recovered from one
+    AdamW step whose update is the gradient itself (eps = lr = 1e6: lr * g / (|g| + eps) = g to 1e-6), and
+    compared with the same sums taken in fp64 from a bf16 copy of the model. DeepSpeed's default (bf16 sums and
+    a bf16 reduction) is ~3e-3 off here, as the reference's own bf16 sum shows; fp32 ~1e-6."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    engine = _engine(stage, **{"train.global_batch": WORLD * micro_batches, "optim.grad_clip": 0.0,
+                               "optim.eps": 1e6, "optim.lr": 1e6, "optim.weight_decay": 0.0})
+    torch.manual_seed(0)
+    reference = ComplexityForCausalLM(engine.module.config).to(torch.bfloat16)
+    names = [n for n, _ in reference.named_parameters()]
+    exact = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in reference.named_parameters()}
+    own_exact, own_bf16 = {n: e.clone() for n, e in exact.items()}, {n: e.bfloat16() for n, e in exact.items()}
+
+    def batch(r, i):
+        return torch.randint(0, 97, (1, 17), generator=torch.Generator().manual_seed(1000 * r + i))
+
+    for r in range(WORLD):
+        for i in range(micro_batches):
+            ids = batch(r, i)
+            reference.zero_grad(set_to_none=True)
+            (reference(ids[:, :-1], targets=ids[:, 1:]).loss / micro_batches).backward()
+            for n, p in reference.named_parameters():
+                if p.grad is not None:
+                    exact[n] += p.grad.double() / WORLD
+                    if r == rank:
+                        own_exact[n] += p.grad.double()
+                        own_bf16[n] += p.grad
+
+    def relative(values, want):
+        err = sum(float((v.double() - want[n]).pow(2).sum()) for n, v in zip(names, values))
+        return math.sqrt(err / sum(float(w.pow(2).sum()) for w in want.values()))
+    before = [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
+    for i in range(micro_batches):
+        ids = batch(rank, i)
+        engine.backward(engine(ids[:, :-1], targets=ids[:, 1:]).loss)
+        engine.step()
+    assert engine.global_steps == 1 and not getattr(engine.optimizer, "overflow", False)
+    update = [b - safe_get_full_fp32_param(p) for b, p in zip(before, engine.module.parameters())]
+    assert relative(update, exact) < 1e-5, (stage, relative(update, exact))
+    assert relative(own_bf16.values(), own_exact) > 1e-3  # what a bf16 sum would be off by: the test sees it
+
+
 def _check(rank):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))  # what DeepSpeed reads
+    for stage in (1, 2, 3):
+        _sums_micro_batches_in_fp32(stage, rank)
     for stage in (1, 2):
         engine = _engine(stage)
         opt = engine.optimizer

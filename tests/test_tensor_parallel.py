@@ -8,6 +8,7 @@ One spawn runs every layout check (a spawn costs seconds of imports); each rank 
 a single-process copy of the same model that it builds itself from the same seed.
 """
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ from spawn_util import spawn_gloo
 
 from complexity_dist.config import ConfigError, load_config
 from complexity_dist.model import ComplexityForCausalLM
-from complexity_dist.parallel.tensor_parallel import apply_tensor_parallel, check_tensor_parallel, full_grads, \
-    full_state_dict
+from complexity_dist.parallel.tensor_parallel import (apply_tensor_parallel, check_tensor_parallel, full_grads,
+                                                     full_state_dict, gather_full)
 
 VOCAB, SEQ = 96, 16  # vocab divisible by tp=2
 
@@ -126,24 +127,41 @@ def run_case(tp_group, mu_router, sequence_parallel, router_scale=1.0, checkpoin
     return sum(moved)
 
 
-def deferred_case(tp_group):
+def deferred_case(tp_group, into_grad_accum: bool = False):
     """Deferred partial sums (what ZeRO 0/1 engines use): two micro-batches accumulate unsummed on each rank,
-    one sum_accumulated() then gives one process's accumulated gradients."""
+    one sum_accumulated() then gives one process's accumulated gradients. `into_grad_accum`: as DeepSpeed's ZeRO 1
+    with fp32 accumulation of a bf16 model (complexity_dist/parallel/deepspeed_engine.py), each micro-batch's
+    gradient is moved into an fp32 `grad_accum` in backward, and the sum runs over those."""
+    from complexity_dist.parallel.deepspeed_engine import _add_into_grad_accum
+
     cfg = config(**{"model.mu_router": "straight_through"})
     ref = randomized(ComplexityForCausalLM(cfg))
     tp = apply_tensor_parallel(copy.deepcopy(ref), tp_group, sequence_parallel=True)
-    tp.tp_partial_grads.defer()
+    if into_grad_accum:
+        tp.tp_partial_grads.defer("grad_accum", torch.float32)
+        zero1 = SimpleNamespace(gradient_accumulation_dtype=torch.float32)
+        for p in tp.parameters():
+            p.grad_accum = None
+            p.register_post_accumulate_grad_hook(lambda p: _add_into_grad_accum(zero1, p))
+    else:
+        tp.tp_partial_grads.defer()
     ids, targets = batch()
     for model in (ref, tp):
         for row in range(2):
             model(ids[row:row + 1], targets=targets[row:row + 1]).loss.backward()
     partial = [name for name, p in tp.named_parameters() if getattr(p, "tp_partial_grad", False)]
     assert len(partial) > 10 * cfg.num_hidden_layers  # with SP, every replicated parameter
+
+    def accumulated():
+        if not into_grad_accum:
+            return full_grads(tp)
+        assert all(p.grad is None for p in tp.parameters())
+        return gather_full(tp, {n: p.grad_accum for n, p in tp.named_parameters()})
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-    unsummed = full_grads(tp)
+    unsummed = accumulated()
     assert all(not torch.allclose(unsummed[n], ref_grads[n]) for n in partial if ref_grads[n].abs().sum() > 0)
     tp.tp_partial_grads.sum_accumulated()
-    grads = full_grads(tp)
+    grads = accumulated()
     for name, g_ref in ref_grads.items():
         torch.testing.assert_close(grads[name], g_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"deferred {name}: {m}")
 
@@ -178,6 +196,7 @@ def compiled_layers_share_graphs(tp_group):
 def check(rank):
     group = dist.new_group([0, 1])
     deferred_case(group)
+    deferred_case(group, into_grad_accum=True)
     compiled_layers_share_graphs(group)
     # fp32 as training runs (within 1e-5); the random weights already move tokens with the mu override
     assert run_case(group, "hard", False) > 0
@@ -230,8 +249,8 @@ class _FakeSum:
     def __init__(self, calls):
         self.params, self.deferred, self.calls = [object()], False, calls
 
-    def defer(self):
-        self.deferred = True
+    def defer(self, accumulated_in="grad", dtype=None):
+        self.deferred, self.accumulated_in, self.dtype = True, accumulated_in, dtype
 
     def sum_accumulated(self):
         self.calls.append("tp sum")
@@ -267,6 +286,12 @@ def test_partial_sums_deferred_only_where_the_engine_reduces_at_the_boundary():
     engine.boundary = True
     engine.allreduce_gradients()  # the last one: the TP sum comes first, then the data-parallel reduction
     assert calls == ["no reduce", "tp sum", "dp reduce"]
+    assert model.tp_partial_grads.accumulated_in == "grad"
+    # ZeRO 1 summing a bf16 model's gradients in fp32 moves them into `grad_accum` in backward: summed there
+    zero1_fp32 = SimpleNamespace(use_grad_accum_attribute=True, gradient_accumulation_dtype=torch.float32)
+    model.tp_partial_grads = _FakeSum([])
+    assert defer_tp_partial_grads(_FakeEngine([], optimizer=zero1_fp32), model)
+    assert (model.tp_partial_grads.accumulated_in, model.tp_partial_grads.dtype) == ("grad_accum", torch.float32)
     # ZeRO 2/3 reduce inside backward, and DeepSpeed's bf16 optimizer copies gradients out in backward: the
     # per-parameter hooks must keep summing there
     for engine in (_FakeEngine([], partitions_gradients=True),

@@ -250,19 +250,22 @@ class PartialGradSum:
         dist.all_reduce(grad, group=self.group)
         return grad
 
-    def defer(self) -> None:
+    def defer(self, accumulated_in: str = "grad", dtype: torch.dtype | None = None) -> None:
+        """`accumulated_in`: the parameter attribute the engine sums gradients in over the micro-batches (.grad,
+        or DeepSpeed ZeRO 1's fp32 `grad_accum`), of `dtype` (None: the parameter's)."""
         self.deferred = True
+        self.accumulated_in, self.accumulated_dtype = accumulated_in, dtype
 
     def sum_accumulated(self) -> None:
-        """All-reduce the accumulated .grad of every partial parameter in place (deferred mode). Collective over
-        the TP group; a rank whose parameter has no gradient contributes zeros, so the ranks never disagree
+        """All-reduce the accumulated gradient of every partial parameter in place (deferred mode). Collective
+        over the TP group; a rank whose parameter has no gradient contributes zeros, so the ranks never disagree
         on the buffer's layout."""
         if not self.deferred or not self.params:
             return
         for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.params]
+            if getattr(p, self.accumulated_in, None) is None:
+                setattr(p, self.accumulated_in, torch.zeros_like(p, dtype=self.accumulated_dtype))
+        grads = [getattr(p, self.accumulated_in) for p in self.params]
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in grads:
             by_dtype.setdefault(g.dtype, []).append(g)

@@ -29,3 +29,20 @@ def test_resume_on_gpus_matches_uninterrupted(tmp_path, dataset, zero):  # noqa:
     assert full[-1]["loss"] < full[0]["loss"]
     print(f"zero {zero}: max |resumed - uninterrupted| loss = {(split_losses - full_losses).abs().max():.2e}, "
           f"exact={torch.equal(split_losses, full_losses)}")
+
+
+def _fused_clipping_check(rank):
+    import os
+
+    from test_overflow_check import _fused_adamw_applies_the_clipping_as_deepspeed
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what DeepSpeed reads
+    for stage in (1, 2):
+        _fused_adamw_applies_the_clipping_as_deepspeed(stage, rank, world=1, device="cuda")
+
+
+def test_fused_adamw_clipping_matches_deepspeed_on_gpu():
+    """ZeRO 1/2 hand the clipping factor to CUDA's fused AdamW as its grad_scale (complexity_dist/parallel/
+    deepspeed_engine.py): one clipped step moves the fp32 master weights as DeepSpeed's own clipping does
+    (tests/test_overflow_check.py checks the same on CPU's fused kernel)."""
+    from spawn_util import spawn_gloo
+    spawn_gloo(_fused_clipping_check, 1, backend="nccl")
