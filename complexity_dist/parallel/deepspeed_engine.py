@@ -90,12 +90,8 @@ def fp32_grad_accumulation(cfg: Config, bf16: bool) -> bool:
     over 64 micro-batches (the 1.5b preset's step) that leaves the summed gradient ~1% off its exact value on a
     tiny model, where an fp32 sum is ~1e-8 off. ZeRO 2 and 3 take DeepSpeed's own option; ZeRO 1 also needs its
     ZeRO optimizer kept (`_zero_optimizer_for_stage1`), so only under the DeepSpeed releases that was checked
-    against. ZeRO 0 (our ClippedSkippingAdamW on DeepSpeed's plain data-parallel path) keeps bf16 sums, and so do
-    pipeline stages: under DeepSpeed's pipeline engine that ZeRO 1 mode reduces another gradient than one stage
-    does (tiny model, 2 stages: a first gradient norm of 1.825 where the same run with bf16 sums gives 2.139 at one
-    micro-batch, 0.948 against 1.104 at four, one stage 1.104 too; DeepSpeed's own norm agrees with ours there;
-    not yet understood)."""
-    if not bf16 or cfg.parallel.zero_stage == 0 or cfg.parallel.pp > 1:
+    against. ZeRO 0 (our ClippedSkippingAdamW on DeepSpeed's plain data-parallel path) keeps bf16 sums."""
+    if not bf16 or cfg.parallel.zero_stage == 0:
         return False
     if cfg.parallel.zero_stage == 1:
         import deepspeed
@@ -218,6 +214,20 @@ def _add_into_grad_accum(self, param):
     param.grad = None
 
 
+def _reduce_tied_grads_in_grad_accum(self):
+    """The pipeline engine's ReduceTiedGrads (PipelineEngine._exec_reduce_tied_grads) under ZeRO 1's fp32
+    accumulation: sums the tied embedding/lm_head's gradient over the first and last stage where that mode keeps
+    it, in `grad_accum`. DeepSpeed's own reads `.grad`, which that mode has emptied, and so skipped the sum
+    silently (each stage then stepped its own half: a 2-stage run's first gradient norm 0.948 where one stage's
+    is 1.104)."""
+    import torch.distributed as dist
+
+    for weight, group in self.module.get_tied_weights_and_groups():
+        grad = weight.grad_accum if getattr(weight, "grad_accum", None) is not None else weight.grad
+        if grad is not None:
+            dist.all_reduce(grad, group=group)
+
+
 def _rebind_bit16_params_if_moved(self, group_index):
     """ZeRO 1/2 after every step (DeepSpeedZeroOptimizer._update_model_bit16_weights): points each bit16
     parameter's .data at its slice of the group's flat buffer again, two `.data =` per parameter that the host
@@ -292,6 +302,10 @@ def build_engine(model: nn.Module, cfg: Config, layout: Layout, bf16: bool, mpu=
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                                config=deepspeed_config(cfg, layout, bf16), dist_init_required=False)
     fuse_grad_checks(engine.optimizer)
+    if getattr(engine.optimizer, "use_grad_accum_attribute", False) and hasattr(engine, "_INSTRUCTION_MAP"):
+        from deepspeed.runtime.pipe.schedule import ReduceTiedGrads
+        # the pipeline engine looks its instructions up in this class-level table: replaced for this engine only
+        engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, ReduceTiedGrads: _reduce_tied_grads_in_grad_accum}
     defer_tp_partial_grads(engine, model)
     return engine
 
