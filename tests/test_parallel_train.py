@@ -18,6 +18,8 @@ Every launch writes its full weights (gathered from the shards by rank 0) at the
     tp2ep2_sp_etp1  the same with whole experts on each TP rank, dispatched from each rank's own tokens
     ref_hard_compiled / tp2_sp_hard_compiled   1 process / TP2 + SP with the overlapped attention projections,
                                                compiled layers, hard routing, ZeRO 2
+    ref_bf16 / tp2_sp_bf16 / ep2_bf16   bf16 (fp32 gradient sums), 3 steps: 1 process / TP2 + SP over 4
+                                        micro-batches / EP2: parity within bf16 rounding
 
 All runs but the *_hard_compiled pair: mu_router straight_through (so the router trains too) and weight decay 0, so a parameter that moved
 got a gradient (Adam moves nothing with zero gradients and zero moments).
@@ -84,6 +86,14 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     # with the overlapped attention projections (complexity_dist/parallel/overlap.py) compiled
     launch(root, "tp2_sp_hard_compiled", dataset, *hard, "parallel.tp=2", "parallel.sequence_parallel=true",
            "parallel.tp_comm_overlap=true")
+    # bf16, where ZeRO 1 sums the micro-batches' gradients in fp32 outside .grad (grad_accum): TP + SP over 4
+    # micro-batches sums its replicated parameters' partial gradients over those once per step; EP2 reduces its
+    # expert groups over their own data-parallel group
+    bf16 = ["train.precision=bf16", "train.steps=3"]
+    launch(root, "ref_bf16", dataset, *bf16, nproc=1)
+    launch(root, "tp2_sp_bf16", dataset, *bf16, "parallel.tp=2", "parallel.sequence_parallel=true",
+           "train.micro_batch=1")
+    launch(root, "ep2_bf16", dataset, *bf16, "parallel.ep=2")
     return root
 
 
@@ -126,6 +136,19 @@ def test_layout_equals_one_process(runs, name):
     assert_parity(runs, name)
     # the base route only: no token moved by the mu override, on any rank, in any layer
     assert all(r["routed_override_frac"] == 0.0 for r in metrics(runs / name))
+
+
+@pytest.mark.parametrize("name", ["tp2_sp_bf16", "ep2_bf16"])
+def test_bf16_layout_equals_one_process(runs, name):
+    """bf16 with the fp32 gradient sums (complexity_dist/parallel/deepspeed_engine.py): losses and gradient norms
+    equal one process's within bf16 rounding (a TP sum over the wrong attribute would leave each rank its own
+    half of the replicated gradients)."""
+    got, want = metrics(runs / name), metrics(runs / "ref_bf16")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3]
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in got], dtype=torch.float64),
+                                   torch.tensor([r[key] for r in want], dtype=torch.float64), rtol=1e-2, atol=0.0,
+                                   msg=lambda m: f"{name} {key}: {m}")
 
 
 def test_compiled_sequence_parallel_with_hard_routing(runs):
