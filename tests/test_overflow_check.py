@@ -1,8 +1,9 @@
 """The fused bf16 overflow check and clipping norm that build_engine gives DeepSpeed's ZeRO 1/2 optimizer
 (complexity_dist/parallel/deepspeed_engine.py `fuse_grad_checks`): the same answers as DeepSpeed's own
 per-tensor versions on the same gradients, and a non-finite gradient still skips the step on every rank; and
-the rebind after the step that leaves parameters already in their flat buffer's slices alone.
-2 gloo processes, bf16, ZeRO 1 and 2, one spawn."""
+the rebind after the step that leaves parameters already in their flat buffer's slices alone. Also, for ZeRO 1-3:
+a bf16 model's gradients summed over the micro-batches (and reduced over the ranks) in fp32 (`fp32_grad_accumulation`).
+2 gloo processes, bf16, ZeRO 1 and 2 (and 3 for the sums), one spawn."""
 import math
 import os
 import types
