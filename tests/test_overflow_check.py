@@ -96,55 +96,67 @@ def _fused_adamw_applies_the_clipping_as_deepspeed(stage: int, rank: int, world:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)  # atol: a weight's fp32 rounding
 
 
-def _sums_micro_batches_in_fp32(stage: int, rank: int, micro_batches: int = 16):
-    """The gradient that reaches the optimizer at the accumulation boundary is the fp32 sum of the micro-batches'
-    bf16 gradients (deepspeed_engine.fp32_grad_accumulation), averaged over the ranks in fp32: recovered from one
-    AdamW step whose update is the gradient itself (eps = lr = 1e6: lr * g / (|g| + eps) = g to 1e-6), and
-    compared with the same sums taken in fp64 from a bf16 copy of the model. A bf16 sum (DeepSpeed's default) is
-    ~5e-3 off here, asserted below on the reference's own gradients; the fp32 one ~1e-6."""
-    from deepspeed.utils import safe_get_full_fp32_param
+MICRO_BATCHES = 16
 
-    engine = _engine(stage, **{"train.global_batch": WORLD * micro_batches, "optim.grad_clip": 0.0,
-                               "optim.eps": 1e6, "optim.lr": 1e6, "optim.weight_decay": 0.0})
+
+def _micro_batch(r: int, i: int) -> torch.Tensor:
+    return torch.randint(0, 97, (1, 17), generator=torch.Generator().manual_seed(1000 * r + i))
+
+
+def _reference_sums(rank: int) -> dict[str, torch.Tensor]:
+    """The step's gradient in fp64 from a bf16 copy of the test model: each rank's MICRO_BATCHES micro-batch
+    gradients summed, averaged over the ranks. Also asserts what a bf16 sum of this rank's own gradients (DeepSpeed's
+    default) is off by here, ~5e-3, so that the checks below can tell it from an fp32 sum (~1e-6)."""
+    cfg = load_config(None, tiny_overrides())
     torch.manual_seed(0)
-    reference = ComplexityForCausalLM(engine.module.config).to(torch.bfloat16)
-    names = [n for n, _ in reference.named_parameters()]
+    reference = ComplexityForCausalLM(cfg.model).to(torch.bfloat16)
     exact = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in reference.named_parameters()}
     own_exact, own_bf16 = {n: e.clone() for n, e in exact.items()}, {n: e.bfloat16() for n, e in exact.items()}
-
-    def batch(r, i):
-        return torch.randint(0, 97, (1, 17), generator=torch.Generator().manual_seed(1000 * r + i))
-
     for r in range(WORLD):
-        for i in range(micro_batches):
-            ids = batch(r, i)
+        for i in range(MICRO_BATCHES):
+            ids = _micro_batch(r, i)
             reference.zero_grad(set_to_none=True)
-            (reference(ids[:, :-1], targets=ids[:, 1:]).loss / micro_batches).backward()
+            (reference(ids[:, :-1], targets=ids[:, 1:]).loss / MICRO_BATCHES).backward()
             for n, p in reference.named_parameters():
                 if p.grad is not None:
                     exact[n] += p.grad.double() / WORLD
                     if r == rank:
                         own_exact[n] += p.grad.double()
                         own_bf16[n] += p.grad
+    assert _relative(own_bf16, own_exact) > 1e-3
+    return exact
 
-    def relative(values, want):
-        err = sum(float((v.double() - want[n]).pow(2).sum()) for n, v in zip(names, values))
-        return math.sqrt(err / sum(float(w.pow(2).sum()) for w in want.values()))
-    before = [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
-    for i in range(micro_batches):
-        ids = batch(rank, i)
+
+def _relative(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    err = sum(float((got[n].double() - w).pow(2).sum()) for n, w in want.items())
+    return math.sqrt(err / sum(float(w.pow(2).sum()) for w in want.values()))
+
+
+def _sums_micro_batches_in_fp32(stage: int, rank: int, exact: dict[str, torch.Tensor]):
+    """The gradient that reaches the optimizer at the accumulation boundary is the fp32 sum of the micro-batches'
+    bf16 gradients (deepspeed_engine.fp32_grad_accumulation), averaged over the ranks in fp32: recovered from one
+    AdamW step whose update is the gradient itself (eps = lr = 1e6: lr * g / (|g| + eps) = g to 1e-6), and
+    compared with `exact` (_reference_sums)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    engine = _engine(stage, **{"train.global_batch": WORLD * MICRO_BATCHES, "optim.grad_clip": 0.0,
+                               "optim.eps": 1e6, "optim.lr": 1e6, "optim.weight_decay": 0.0})
+    params = dict(engine.module.named_parameters())
+    before = {n: safe_get_full_fp32_param(p).clone() for n, p in params.items()}
+    for i in range(MICRO_BATCHES):
+        ids = _micro_batch(rank, i)
         engine.backward(engine(ids[:, :-1], targets=ids[:, 1:]).loss)
         engine.step()
     assert engine.global_steps == 1 and not getattr(engine.optimizer, "overflow", False)
-    update = [b - safe_get_full_fp32_param(p) for b, p in zip(before, engine.module.parameters())]
-    assert relative(update, exact) < 1e-5, (stage, relative(update, exact))
-    assert relative(own_bf16.values(), own_exact) > 1e-3  # what a bf16 sum would be off by: the test sees it
+    update = {n: before[n] - safe_get_full_fp32_param(p) for n, p in params.items()}
+    assert _relative(update, exact) < 1e-5, (stage, _relative(update, exact))
 
 
 def _check(rank):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))  # what DeepSpeed reads
+    exact = _reference_sums(rank)
     for stage in (1, 2, 3):
-        _sums_micro_batches_in_fp32(stage, rank)
+        _sums_micro_batches_in_fp32(stage, rank, exact)
     for stage in (1, 2):
         engine = _engine(stage)
         opt = engine.optimizer

@@ -102,10 +102,10 @@ def fp32_grad_accumulation(cfg: Config, bf16: bool) -> bool:
 @contextlib.contextmanager
 def _zero_optimizer_for_stage1(enabled: bool):
     """Around deepspeed.initialize: keep DeepSpeed's ZeRO 1 optimizer when the config asks for fp32 gradient
-    accumulation of a bf16 model. DeepSpeed would swap in its BF16_Optimizer there (another class, with its own
-    checkpoint layout and none of the fused checks below). Its ZeRO 1 optimizer has the mode itself: each
-    gradient is added into an fp32 `grad_accum` beside the parameter in the backward hook, and the reduction at
-    the boundary takes those."""
+    accumulation of a bf16 model (other stages keep their optimizer anyway). DeepSpeed would swap in its
+    BF16_Optimizer there (another class, with its own checkpoint layout and none of the fused checks below). Its
+    ZeRO 1 optimizer has the mode itself: each gradient is added into an fp32 `grad_accum` beside the parameter
+    in the backward hook, and the reduction at the boundary takes those."""
     if not enabled:
         yield
         return
@@ -298,7 +298,7 @@ def build_engine(model: nn.Module, cfg: Config, layout: Layout, bf16: bool, mpu=
         fused = next(model.parameters()).is_cuda
         optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
     # a PipelineModule brings its own groups (DeepSpeed refuses an mpu beside it)
-    with _zero_optimizer_for_stage1(cfg.parallel.zero_stage == 1 and fp32_grad_accumulation(cfg, bf16)):
+    with _zero_optimizer_for_stage1(fp32_grad_accumulation(cfg, bf16)):
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                                config=deepspeed_config(cfg, layout, bf16), dist_init_required=False)
     fuse_grad_checks(engine.optimizer)
