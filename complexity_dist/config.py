@@ -121,6 +121,14 @@ class ParallelConfig:
     # state. false needs sequence_parallel when tp > 1; with ep > 1 each TP rank dispatches its own slice
     expert_tensor_parallel: bool = True
     zero_stage: int = 0
+    # ZeRO 2 reduces (reduce-scatters) each micro-batch's gradients bucket by bucket inside its backward, on a
+    # stream of its own, instead of after it (DeepSpeed's overlap_comm; Megatron's overlap_grad_reduce). ZeRO 2
+    # only: DeepSpeed 0.19.8's ZeRO 1 with overlap_comm sums a step of several micro-batches wrongly
+    overlap_grad_reduce: bool = False
+    # elements per gradient-reduction bucket of ZeRO 1/2 (DeepSpeed's reduce_bucket_size, same default). With
+    # overlap_grad_reduce a bucket's reduction starts when it is full, so smaller buckets overlap more (Megatron
+    # uses 40M), and two buffers of this size in the reduction dtype (fp32 for bf16 training) are kept
+    grad_bucket_size: int = 500_000_000
     # ZeRO 3 keeps a parameter of at most this many elements whole on every rank (DeepSpeed's
     # stage3_param_persistence_threshold, same default); 0 partitions every parameter
     zero3_persistence_threshold: int = 100_000
@@ -128,6 +136,7 @@ class ParallelConfig:
     def validate(self) -> None:
         for name in ("tp", "pp", "ep"):
             _require(getattr(self, name) >= 1, f"parallel.{name}={getattr(self, name)} must be >= 1")
+        _require(self.grad_bucket_size >= 1, f"parallel.grad_bucket_size={self.grad_bucket_size} must be >= 1")
         _require(self.zero3_persistence_threshold >= 0,
                  f"parallel.zero3_persistence_threshold={self.zero3_persistence_threshold} must be >= 0")
         _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))

@@ -89,7 +89,13 @@ def test_train_refuses_bad_layouts_before_any_process_group(tmp_path, monkeypatc
              (4, ["parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=1"],
               "parallel.pp=2 with parallel.ep=2"),
              (2, ["parallel.tp=2"], "parallel.tp > 1 with parallel.zero_stage=0"),
-             (2, ["parallel.ep=2", "parallel.zero_stage=3"], "Native DeepSpeed MoE is not supported with ZeRO Stage 3")]
+             (2, ["parallel.ep=2", "parallel.zero_stage=3"], "Native DeepSpeed MoE is not supported with ZeRO Stage 3"),
+             (2, ["parallel.overlap_grad_reduce=true"],
+              "parallel.overlap_grad_reduce=true with parallel.zero_stage=0: the overlapped reduction is ZeRO 2's"),
+             (2, ["parallel.overlap_grad_reduce=true", "parallel.zero_stage=1"],
+              "ZeRO 1 with overlap_comm sums the gradients of a step of several micro-batches wrongly"),
+             (2, ["parallel.overlap_grad_reduce=true", "parallel.zero_stage=3"], "use parallel.zero_stage=2"),
+             (2, ["parallel.grad_bucket_size=0"], "parallel.grad_bucket_size=0 must be >= 1")]
     for world, overrides, needle in cases:
         monkeypatch.setenv("WORLD_SIZE", str(world))
         monkeypatch.setenv("RANK", "0")

@@ -20,6 +20,10 @@ Every launch writes its full weights (gathered from the shards by rank 0) at the
                                                compiled layers, hard routing, ZeRO 2
     ref_bf16 / tp2_sp_bf16 / ep2_bf16   bf16 (fp32 gradient sums), 3 steps: 1 process / TP2 + SP over 4
                                         micro-batches / EP2: parity within bf16 rounding
+    dp2_bf16 / dp2_bf16_grad_overlap    DP2, ZeRO 2, bf16, 2 micro-batches a rank, each one's gradient reduction
+                                        after its backward / inside it in small buckets (parallel.overlap_grad_reduce):
+                                        bit-equal
+    ep2_grad_overlap / tp2_sp_grad_overlap   the overlapped reduction with EP2 and TP2 + SP (ZeRO 2): parity
 
 All runs but the *_hard_compiled pair: mu_router straight_through (so the router trains too) and weight decay 0, so a parameter that moved
 got a gradient (Adam moves nothing with zero gradients and zero moments).
@@ -94,6 +98,14 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     launch(root, "tp2_sp_bf16", dataset, *bf16, "parallel.tp=2", "parallel.sequence_parallel=true",
            "train.micro_batch=1")
     launch(root, "ep2_bf16", dataset, *bf16, "parallel.ep=2")
+    # the data-parallel reduction inside the backward that ends the step (DeepSpeed's overlap_comm), in buckets
+    # small enough that the tiny model's gradients fill several
+    overlap = ["parallel.overlap_grad_reduce=true", "parallel.grad_bucket_size=5000", "parallel.zero_stage=2",
+               "train.steps=3", "train.micro_batch=1"]
+    launch(root, "dp2_bf16", dataset, *bf16, "parallel.zero_stage=2", "train.micro_batch=1")
+    launch(root, "dp2_bf16_grad_overlap", dataset, *bf16, *overlap)
+    launch(root, "ep2_grad_overlap", dataset, *overlap, "parallel.ep=2")
+    launch(root, "tp2_sp_grad_overlap", dataset, *overlap, "parallel.tp=2", "parallel.sequence_parallel=true")
     return root
 
 
@@ -149,6 +161,28 @@ def test_bf16_layout_equals_one_process(runs, name):
         torch.testing.assert_close(torch.tensor([r[key] for r in got], dtype=torch.float64),
                                    torch.tensor([r[key] for r in want], dtype=torch.float64), rtol=1e-2, atol=0.0,
                                    msg=lambda m: f"{name} {key}: {m}")
+
+
+def test_overlapped_grad_reduction_equals_the_reduction_after_backward(runs):
+    """parallel.overlap_grad_reduce: ZeRO 2's reduction of each micro-batch's gradients bucket by bucket as its
+    backward produces them (DeepSpeed's overlap_comm) instead of after it: bit for bit the same losses, norms and
+    weights (bf16, fp32 sums, 2 micro-batches a rank); and with EP2 (expert and shared groups) and TP2 + SP (after
+    the TP-partial sums), one process's training."""
+    after, inside = metrics(runs / "dp2_bf16"), metrics(runs / "dp2_bf16_grad_overlap")
+    assert [r["step"] for r in inside] == [1, 2, 3]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in inside] == [r[key] for r in after], key
+    want, got = weights(runs, "dp2_bf16", 3), weights(runs, "dp2_bf16_grad_overlap", 3)
+    first = weights(runs, "dp2_bf16", 0)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert sum(not torch.equal(want[k], first[k]) for k in want) > len(want) // 2  # the steps moved the weights
+    for key in ("loss", "grad_norm"):  # and DP2's bf16 run is one process's
+        torch.testing.assert_close(torch.tensor([r[key] for r in after], dtype=torch.float64),
+                                   torch.tensor([r[key] for r in metrics(runs / "ref_bf16")], dtype=torch.float64),
+                                   rtol=1e-2, atol=0.0)
+    assert_parity(runs, "ep2_grad_overlap")
+    assert_parity(runs, "tp2_sp_grad_overlap")
 
 
 def test_compiled_sequence_parallel_with_hard_routing(runs):

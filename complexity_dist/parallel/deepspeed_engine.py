@@ -54,8 +54,13 @@ class ClippedSkippingAdamW(torch.optim.AdamW):
 
 def deepspeed_config(cfg: Config, layout: Layout, bf16: bool) -> dict:
     zero = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage in (1, 2):
+        zero["reduce_bucket_size"] = cfg.parallel.grad_bucket_size
     if cfg.parallel.zero_stage >= 2:
-        zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True})
+        # overlap_comm (parallel.overlap_grad_reduce, ZeRO 2 only: check_parallelize): each micro-batch's reduction
+        # runs in its backward's gradient hooks, bucket by bucket on DeepSpeed's reduction stream
+        zero.update({"overlap_comm": cfg.parallel.overlap_grad_reduce, "contiguous_gradients": True,
+                     "reduce_scatter": True})
     if cfg.parallel.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = cfg.parallel.zero3_persistence_threshold
     pipeline = {}

@@ -82,6 +82,12 @@ def check_parallelize(cfg: Config) -> None:
                         f"'Native DeepSpeed MoE is not supported with ZeRO Stage 3' for the MoE marker that "
                         f"makes it reduce expert gradients over the expert-data-parallel group; use "
                         f"parallel.zero_stage=1 or 2")
+    if p.overlap_grad_reduce and p.zero_stage != 2:
+        why = ("DeepSpeed 0.19.8's ZeRO 1 with overlap_comm sums the gradients of a step of several micro-batches "
+               "wrongly (on 2 processes, 2 micro-batches each: a first gradient norm of 1.547 or 1.139 where 1.415 "
+               "is right)" if p.zero_stage == 1 else "the overlapped reduction is ZeRO 2's")
+        problems.append(f"parallel.overlap_grad_reduce=true with parallel.zero_stage={p.zero_stage}: {why}; use "
+                        f"parallel.zero_stage=2, or parallel.overlap_grad_reduce=false")
     if p.sequence_parallel and p.tp > 1 and cfg.data.seq_len % p.tp:
         problems.append(f"parallel.sequence_parallel needs parallel.tp={p.tp} to divide data.seq_len="
                         f"{cfg.data.seq_len}")

@@ -31,6 +31,9 @@ def _te_ok() -> bool:
 
 LAYOUTS = {
     "dp2_zero3": ["parallel.zero_stage=3"],
+    # the data-parallel reduction inside backward, on DeepSpeed's reduction stream (parallel.overlap_grad_reduce)
+    "dp2_grad_overlap": ["parallel.zero_stage=2", "parallel.overlap_grad_reduce=true",
+                         "parallel.grad_bucket_size=20000", "train.micro_batch=1"],
     "tp2": ["parallel.tp=2"],
     "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"],
     # ZeRO 1 (partial gradients summed once per step) and the overlapped attention projections on NCCL

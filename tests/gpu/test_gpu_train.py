@@ -46,3 +46,21 @@ def test_fused_adamw_clipping_matches_deepspeed_on_gpu():
     (tests/test_overflow_check.py checks the same on CPU's fused kernel)."""
     from spawn_util import spawn_gloo
     spawn_gloo(_fused_clipping_check, 1, backend="nccl")
+
+
+def test_overlapped_grad_reduction_trains_as_the_reduction_after_backward(tmp_path, dataset):  # noqa: F811
+    """parallel.overlap_grad_reduce (ZeRO 2) on CUDA, where DeepSpeed reduces on a stream of its own while backward
+    goes on (on one GPU too: the buckets still travel through that stream): 10 steps equal the reduction after
+    backward within GPU non-determinism, in buckets small enough that the test model fills several."""
+    nproc = min(2, torch.cuda.device_count())
+    common = ["train.steps=10", "checkpoint.enabled=false", "parallel.zero_stage=2", "train.micro_batch=1",
+              "train.precision=bf16"]
+    run(train_cmd(tmp_path / "after", dataset, *common, nproc=nproc))
+    run(train_cmd(tmp_path / "inside", dataset, *common, "parallel.overlap_grad_reduce=true",
+                  "parallel.grad_bucket_size=20000", nproc=nproc))
+    after, inside = metrics(tmp_path / "after"), metrics(tmp_path / "inside")
+    for key in ("loss", "grad_norm"):
+        a, b = (torch.tensor([r[key] for r in rows], dtype=torch.float64) for rows in (after, inside))
+        print(f"{key}: max relative difference {((b - a).abs() / a.abs()).max():.2e}")
+        torch.testing.assert_close(b, a, rtol=2e-3, atol=0.0)
+    assert inside[-1]["loss"] < inside[0]["loss"]
