@@ -21,7 +21,8 @@ optimizer's expert param groups), the DeepSpeed mpu, and how to gather full weig
 
 `check_parallelize(cfg)` refuses, before any process group exists, what this loop does not run (see its
 messages): pipeline parallelism other than with ZeRO 1 (and with expert parallel), tensor or expert
-parallel with ZeRO 0, expert parallel with ZeRO 3, and the model.linear_backend values that cannot run with
+parallel with ZeRO 0, expert parallel with ZeRO 3, the overlapped gradient reduction other than with ZeRO 2,
+and the model.linear_backend values that cannot run with
 the layout or on this machine (te on CPU or without Transformer Engine; te with train.fp8 for now, as its GPU
 check was inconclusive; FP8 on a GPU without it or with sizes not divisible by 16; te's FP8 with activation
 checkpointing; te with selective activation checkpointing; megatron with tp=1, sequence parallel, pipeline
