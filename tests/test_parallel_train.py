@@ -18,6 +18,8 @@ Every launch writes its full weights (gathered from the shards by rank 0) at the
     tp2ep2_sp_etp1  the same with whole experts on each TP rank, dispatched from each rank's own tokens
     ref_hard_compiled / tp2_sp_hard_compiled   1 process / TP2 + SP with the overlapped attention projections,
                                                compiled layers, hard routing, ZeRO 2
+    ep2_hard_compiled                     EP2, compiled layers, hard routing, ZeRO 2: a new routing plan (and row
+                                          counts) every micro-batch inside compiled layers
     ref_bf16 / tp2_sp_bf16 / ep2_bf16   bf16 (fp32 gradient sums), 3 steps: 1 process / TP2 + SP over 4
                                         micro-batches / EP2: parity within bf16 rounding
     dp2_bf16 / dp2_bf16_grad_overlap    DP2, ZeRO 2, bf16, 2 micro-batches a rank, each one's gradient reduction
@@ -90,6 +92,7 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     # with the overlapped attention projections (complexity_dist/parallel/overlap.py) compiled
     launch(root, "tp2_sp_hard_compiled", dataset, *hard, "parallel.tp=2", "parallel.sequence_parallel=true",
            "parallel.tp_comm_overlap=true")
+    launch(root, "ep2_hard_compiled", dataset, *hard, "parallel.ep=2", "train.micro_batch=1")
     # bf16, where ZeRO 1 sums the micro-batches' gradients in fp32 outside .grad (grad_accum): TP + SP over 4
     # micro-batches sums its replicated parameters' partial gradients over those once per step; EP2 reduces its
     # expert groups over their own data-parallel group
@@ -185,13 +188,14 @@ def test_overlapped_grad_reduction_equals_the_reduction_after_backward(runs):
     assert_parity(runs, "tp2_sp_grad_overlap")
 
 
-def test_compiled_sequence_parallel_with_hard_routing(runs):
-    got, want = metrics(runs / "tp2_sp_hard_compiled"), metrics(runs / "ref_hard_compiled")
+@pytest.mark.parametrize("name", ["tp2_sp_hard_compiled", "ep2_hard_compiled"])
+def test_compiled_layout_with_hard_routing(runs, name):
+    got, want = metrics(runs / name), metrics(runs / "ref_hard_compiled")
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3]
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in want]),
                                    **LOSS_TOL, msg=lambda m: f"{key}: {m}")
-    first, last = weights(runs, "tp2_sp_hard_compiled", 0), weights(runs, "tp2_sp_hard_compiled", 3)
+    first, last = weights(runs, name, 0), weights(runs, name, 3)
     ref_last = weights(runs, "ref_hard_compiled", 3)
     for k in ref_last:
         torch.testing.assert_close(last[k], ref_last[k], **WEIGHT_TOL, msg=lambda m: f"{k}: {m}")
