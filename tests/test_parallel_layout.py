@@ -95,6 +95,8 @@ def test_train_refuses_bad_layouts_before_any_process_group(tmp_path, monkeypatc
              (2, ["parallel.overlap_grad_reduce=true", "parallel.zero_stage=1"],
               "ZeRO 1 with overlap_comm sums the gradients of a step of several micro-batches wrongly"),
              (2, ["parallel.overlap_grad_reduce=true", "parallel.zero_stage=3"], "use parallel.zero_stage=2"),
+             (2, ["parallel.overlap_grad_reduce=true", "parallel.zero_stage=1", "parallel.pp=2"],
+              "parallel.overlap_grad_reduce=true with parallel.pp=2: pipeline stages run ZeRO 1 only"),
              (2, ["parallel.grad_bucket_size=0"], "parallel.grad_bucket_size=0 must be >= 1")]
     for world, overrides, needle in cases:
         monkeypatch.setenv("WORLD_SIZE", str(world))

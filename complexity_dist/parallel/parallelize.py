@@ -83,7 +83,10 @@ def check_parallelize(cfg: Config) -> None:
                         f"'Native DeepSpeed MoE is not supported with ZeRO Stage 3' for the MoE marker that "
                         f"makes it reduce expert gradients over the expert-data-parallel group; use "
                         f"parallel.zero_stage=1 or 2")
-    if p.overlap_grad_reduce and p.zero_stage != 2:
+    if p.overlap_grad_reduce and p.pp > 1:
+        problems.append(f"parallel.overlap_grad_reduce=true with parallel.pp={p.pp}: pipeline stages run ZeRO 1 "
+                        f"only, and the overlapped reduction is ZeRO 2's; set parallel.overlap_grad_reduce=false")
+    elif p.overlap_grad_reduce and p.zero_stage != 2:
         why = ("DeepSpeed 0.19.8's ZeRO 1 with overlap_comm sums the gradients of a step of several micro-batches "
                "wrongly (on 2 processes, 2 micro-batches each: a first gradient norm of 1.547 or 1.139 where 1.415 "
                "is right)" if p.zero_stage == 1 else "the overlapped reduction is ZeRO 2's")
