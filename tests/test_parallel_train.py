@@ -101,7 +101,7 @@ def runs(tmp_path_factory, dataset):  # noqa: F811
     launch(root, "tp2_sp_bf16", dataset, *bf16, "parallel.tp=2", "parallel.sequence_parallel=true",
            "train.micro_batch=1")
     launch(root, "ep2_bf16", dataset, *bf16, "parallel.ep=2")
-    # the data-parallel reduction inside the backward that ends the step (DeepSpeed's overlap_comm), in buckets
+    # ZeRO 2's data-parallel reduction inside each micro-batch's backward (DeepSpeed's overlap_comm), in buckets
     # small enough that the tiny model's gradients fill several
     overlap = ["parallel.overlap_grad_reduce=true", "parallel.grad_bucket_size=5000", "parallel.zero_stage=2",
                "train.steps=3", "train.micro_batch=1"]

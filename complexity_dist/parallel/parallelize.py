@@ -36,7 +36,7 @@ keeps the full micro-batch's ids that EP's pre-hook remembered before TP's slice
 with ZeRO 3 (also TP x DP with every parameter partitioned: ZeRO 3 partitions over the mpu's data-parallel
 group, and a weight read outside its own module's forward, as the attention reads q_proj.weight, is gathered by
 DeepSpeed's external-parameter tracking), EP x DP, PP with ZeRO 1 and TP x PP.
-(TP2 with train.compile=true was run on CPU/gloo: 3 steps equal to one process within 2e-7; not checked on GPU.)
+Compiled layers: TP2 + SP and EP2 (tests/test_parallel_train.py), and on NCCL tests/gpu/test_gpu_layouts.py.
 """
 from __future__ import annotations
 
